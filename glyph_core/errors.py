@@ -1,0 +1,52 @@
+"""Error types. `GlyphError` marks bad input or bad configuration: retrying cannot fix it, so the
+Prefect tasks never retry on it, while storage and network errors are retried."""
+
+from __future__ import annotations
+
+
+class GlyphError(Exception):
+    """Bad input or configuration; the message names the file, row or field."""
+
+
+class ValidationError(GlyphError):
+    """An input violates a documented contract (schema, value range, config)."""
+
+
+class SchemaError(ValidationError):
+    """A table lacks columns a stage needs, or refers to rows that do not exist."""
+
+
+class SourceError(ValidationError):
+    """A dataset source file or record is unusable.
+
+    The message names the file (or Hub id), the 1-based line (JSON Lines) or the 0-based row
+    (a JSON list, a Hub split), and the offending field, so a person can open the file and fix it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        row: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        parts = [str(path)] if path is not None else []
+        if line is not None:
+            parts.append(f"line {line}")
+        if row is not None:
+            parts.append(f"row {row}")
+        if field is not None:
+            parts.append(f"field {field!r}")
+        prefix = ", ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.path, self.line, self.row, self.field = path, line, row, field
+
+
+class LeakageError(GlyphError):
+    """A held-out question reached training data."""
+
+
+class StorageError(Exception):
+    """Reading or writing an artifact failed (transient or corrupt); retried by tasks."""
