@@ -114,17 +114,25 @@ def _clean_span(ans: str) -> str:
     return ans
 
 
+def answer_from_final(final: str | None) -> str | None:
+    """The answer inside a 🝞 section: its last ``\\boxed{}``, else the section without ``$``/period."""
+    if not final:
+        return None
+    boxed = last_boxed(final)
+    if boxed is not None:
+        return boxed or None
+    said = _ANSWER_IS.findall(final)  # "🝞 The answer is 42." -> "42"
+    return _clean_span(said[-1] if said else final) or None
+
+
 def extract_answer(text: str | None) -> str | None:
     """The model's final answer, or None when it gave none. Order documented in the module."""
     if not text:
         return None
     if FINAL_GLYPH in text:
-        final = _final_section(text)
-        if final:
-            boxed = last_boxed(final)
-            ans = boxed if boxed is not None else _clean_span(final)
-            if ans:
-                return ans
+        ans = answer_from_final(_final_section(text))
+        if ans:
+            return ans
     boxed = last_boxed(text)
     if boxed:
         return boxed
@@ -233,9 +241,10 @@ def to_number(ans: str) -> Fraction | None:
                 return None
             val = Fraction(int(a), int(b))
         else:
-            val = _plain_number(s)
-            if val is None:
+            plain = _plain_number(s)
+            if plain is None:
                 return None
+            val = plain
     except (ValueError, ZeroDivisionError):
         return None
     return -val if neg else val
@@ -258,7 +267,9 @@ def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     if a == b:
         return True
     # a rounded decimal of a repeating fraction (0.333333 vs 1/3): relative 1e-6, as math-verify
-    return abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b)) and (a.denominator != 1 or b.denominator != 1)
+    return abs(a - b) <= Fraction(1, 10**6) * max(Fraction(1), abs(b)) and (
+        a.denominator != 1 or b.denominator != 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +324,7 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
     if pred == gold:
         return True
     np_, ng = normalize_answer(pred), normalize_answer(gold)
-    if np_ == ng and np_:
+    if np_ and (np_ == ng or np_.replace(" ", "") == ng.replace(" ", "")):
         return True
     if np_.lower().strip("()") == ng.lower().strip("()") and re.fullmatch(r"\(?[A-Ea-e]\)?", ng):
         return True  # multiple-choice letters: "(C)" vs "C"

@@ -33,7 +33,7 @@ _RANK = {g: i for i, g in enumerate(ORDER)}
 _SPLIT = re.compile("(" + "|".join(re.escape(g.value) for g in ORDER) + ")")
 # A teacher often writes "🜂 Step 1:" or "🝞 Final answer:"; the label is not content.
 _LABEL = re.compile(
-    r"^\s*(?:\*\*)?\s*(guideline|plan|step(?:\s*\d+)?|takeaway|final\s+answer|answer)\s*(?:\*\*)?\s*[:.\-–]?\s*(?:\*\*)?",
+    r"^\s*(?:\*\*)?\s*(?:guideline|plan|step(?:\s*\d+)?|takeaway|final\s+answer|answer)\s*(?:\*\*)?\s*[:\-–]\s*(?:\*\*)?",
     re.IGNORECASE,
 )
 
