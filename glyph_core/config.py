@@ -129,9 +129,17 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = False
     bf16: Literal["auto", "on", "off"] = "auto"
     merge: bool = False
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
     seed: int = 0
     trust_remote_code: bool = False
+    # Speed and bookkeeping only: they do not change the trained weights.
     num_threads: int | None = Field(default=None, json_schema_extra=NOT_IN_KEY)
+    device: str | None = Field(
+        default=None, json_schema_extra=NOT_IN_KEY, description="None = cuda if available"
+    )
+    logging_steps: int = Field(default=1, json_schema_extra=NOT_IN_KEY)
+    save_steps: int = Field(default=50, json_schema_extra=NOT_IN_KEY, description="checkpoint every N steps")
 
 
 class EvalConfig(StrictModel):

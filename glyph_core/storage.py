@@ -14,10 +14,12 @@ files do not match it, is never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -99,6 +101,24 @@ class Store:
     def exists(self, uri: str) -> bool:
         return bool(self.fs.exists(uri))
 
+    def ensure(self) -> Store:
+        """Create the root (the bucket, on object storage) so a fresh store works at once."""
+        try:
+            if self.is_local:
+                Path(self.fs._strip_protocol(self.root)).mkdir(parents=True, exist_ok=True)
+            else:
+                bucket = self.fs._strip_protocol(self.root).split("/", 1)[0]
+                if not self.fs.exists(bucket):
+                    with contextlib.suppress(FileExistsError):  # created meanwhile by another run
+                        self.fs.mkdir(bucket)
+        except OSError as exc:
+            raise StorageError(f"cannot create the store root {self.root}: {exc}") from exc
+        return self
+
+    def link(self, uri: str) -> str:
+        """A URL a person can open: `file://` for local paths, the URI itself otherwise."""
+        return Path(uri).as_uri() if self.is_local and "://" not in uri else uri
+
     # -- bytes ------------------------------------------------------------------------------
     def publish_bytes(self, uri: str, data: bytes) -> None:
         """Make `data` visible at `uri` in one step, or not at all."""
@@ -136,7 +156,10 @@ class Store:
         uri = self.uri(stage, key, name)
         self.publish_bytes(uri, data)
         return DatasetRef(
-            uri=uri, sha256=hashlib.sha256(data).hexdigest(), rows=table.num_rows, schema_version=schema_version
+            uri=uri,
+            sha256=hashlib.sha256(data).hexdigest(),
+            rows=table.num_rows,
+            schema_version=schema_version,
         )
 
     def read_table(self, ref: DatasetRef, verify: bool = True) -> pa.Table:
@@ -144,6 +167,29 @@ class Store:
         if verify and hashlib.sha256(data).hexdigest() != ref.sha256:
             raise StorageError(f"{ref.uri}: content does not match its sha256 {ref.sha256[:12]}…")
         return pq.read_table(io.BytesIO(data))
+
+    def verify(self, ref: DatasetRef | ModelRef) -> None:
+        """Raise `StorageError` unless the artifact behind `ref` is present and intact.
+
+        A cache entry can outlive its artifact (deleted, overwritten, half-restored from a
+        backup); a ref is only handed on after this check.
+        """
+        if isinstance(ref, ModelRef):
+            self.verify_model(ref)
+            return
+        if hashlib.sha256(self.read_bytes(ref.uri)).hexdigest() != ref.sha256:
+            raise StorageError(f"{ref.uri}: content does not match its sha256 {ref.sha256[:12]}…")
+
+    def verify_model(self, ref: ModelRef) -> dict[str, Any]:
+        """The model's manifest, after checking it and every file it lists against their hashes."""
+        body = self.read_bytes(f"{ref.uri}/{MANIFEST}")
+        if hashlib.sha256(body).hexdigest() != ref.sha256:
+            raise StorageError(f"{ref.uri}: manifest does not match its sha256")
+        manifest = json.loads(body)
+        for rel, digest in manifest["files"].items():
+            if hashlib.sha256(self.read_bytes(f"{ref.uri}/{rel}")).hexdigest() != digest:
+                raise StorageError(f"{ref.uri}/{rel}: content does not match the manifest")
+        return dict(manifest)
 
     # -- json -------------------------------------------------------------------------------
     def write_json(self, obj: Any, stage: str, key: str, name: str) -> str:
@@ -177,24 +223,40 @@ class Store:
         return ModelRef(uri=uri, sha256=hashlib.sha256(body).hexdigest(), base_model=base_model, kind=kind)
 
     def get_dir(self, ref: ModelRef, cache_dir: str | Path | None = None) -> Path:
-        """A local directory with the model's files, checked against the manifest."""
+        """A local directory with the model's files, checked against the manifest.
+
+        On a local store that is the published directory itself (every file verified, so a
+        directory damaged after publishing is refused); on object storage a verified copy in
+        `cache_dir`, published there by renaming a complete temporary directory.
+        """
+        if self.is_local:
+            self.verify_model(ref)
+            return Path(self.fs._strip_protocol(ref.uri))
         body = self.read_bytes(f"{ref.uri}/{MANIFEST}")
         if hashlib.sha256(body).hexdigest() != ref.sha256:
             raise StorageError(f"{ref.uri}: manifest does not match its sha256")
         manifest = json.loads(body)
-        if self.is_local:
-            local = Path(self.fs._strip_protocol(ref.uri))
-            return local
         base = Path(cache_dir or Path(tempfile.gettempdir()) / "glyph-models") / ref.sha256[:24]
-        if (base / MANIFEST).exists():
+        if (base / MANIFEST).exists() and (base / MANIFEST).read_bytes() == body:
             return base
         tmp = base.with_name(base.name + f".tmp-{uuid.uuid4().hex}")
-        for rel, digest in manifest["files"].items():
-            data = self.read_bytes(f"{ref.uri}/{rel}")
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise StorageError(f"{ref.uri}/{rel}: content does not match the manifest")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-        (tmp / MANIFEST).write_bytes(body)
-        os.replace(tmp, base) if not base.exists() else None
+        try:
+            for rel, digest in manifest["files"].items():
+                data = self.read_bytes(f"{ref.uri}/{rel}")
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise StorageError(f"{ref.uri}/{rel}: content does not match the manifest")
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            (tmp / MANIFEST).write_bytes(body)
+            if base.exists():  # an incomplete copy (no manifest) or one from a concurrent reader
+                if (base / MANIFEST).exists() and (base / MANIFEST).read_bytes() == body:
+                    return base
+                shutil.rmtree(base, ignore_errors=True)
+            try:
+                os.replace(tmp, base)
+            except OSError:
+                if not ((base / MANIFEST).exists() and (base / MANIFEST).read_bytes() == body):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return base

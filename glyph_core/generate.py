@@ -1,0 +1,342 @@
+"""The generate stage (DESIGN §2): a teacher writes traces for the training problems, in shards.
+
+Why shards keyed on content: a generation run is hours on a GPU and dies for reasons outside our
+control (OOM killer, preemption, a lost node). Each shard's output is published as soon as it
+is done at `generate/shards/{shard_key}/data.parquet`, where the key hashes the shard's problems
+(every field a teacher can read), the teacher config's `key_dump()` and the prompt template
+hash. A restarted run recomputes the same keys, reuses the published shards and generates only
+the missing ones. Because the problem order is a fixed hash order, shards are also prefix
+stable: a run with `limit=2000` reuses every shard of an earlier `limit=1000` run.
+
+Faults never crash the stage: error completions are retried once per shard, then kept as rows
+with `finish_reason="error"` and counted by kind; empty, truncated or malformed completions are
+kept as well (the filter stage drops them and counts why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from glyph_core.config import GenerateConfig
+from glyph_core.errors import GlyphError, StorageError
+from glyph_core.glyphs import validate_trace
+from glyph_core.prompts import TEMPLATE_HASH, messages_for
+from glyph_core.storage import DatasetRef, Store, canonical_json, stage_key
+from glyph_core.teachers.base import Completion, GenRequest, Teacher
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+STAGE = "generate"
+# Fields of a problem row that a teacher may read; all of them enter the shard key.
+PROBLEM_FIELDS = ("id", "source", "question", "solution", "answer", "type")
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("sample", pa.int32()),
+        ("prompt", pa.string()),  # the chat messages as JSON: backend-independent and exact
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("teacher", pa.string()),
+        ("sampling", pa.string()),  # JSON of the sampling parameters and prompt kind
+        ("error", pa.string()),
+    ]
+)
+
+Progress = Callable[[int, int, int, float], None]
+"""`(done_shards, total_shards, problems_done, tokens_per_s)`, called after every shard."""
+
+
+@dataclass
+class GenerateResult:
+    ref: DatasetRef
+    rows: int
+    shards_total: int
+    shards_generated: int
+    shards_reused: int
+    problems: int
+    errors: dict[str, int] = field(default_factory=dict)  # error kind -> completions
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    empty: int = 0
+    invalid_structure: int = 0  # only counted for the glyph prompt
+    completion_tokens: int = 0  # generated in this run (reused shards excluded)
+    generate_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ref"] = self.ref.model_dump()
+        return out
+
+
+# -- problem selection and sharding ------------------------------------------------------------
+
+
+def _order_key(problem_id: str) -> str:
+    return hashlib.sha256(problem_id.encode()).hexdigest()
+
+
+def select_problems(table: pa.Table, cfg: GenerateConfig) -> list[dict[str, Any]]:
+    """Rows of the configured split in a fixed hash order (mixes sources), cut at `limit`."""
+    missing = [c for c in ("id", "split", "question") if c not in table.column_names]
+    if missing:
+        raise GlyphError(f"problems table lacks columns {missing}")
+    rows = [r for r in table.to_pylist() if r.get("split") == cfg.split]
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise GlyphError(f"problems table has duplicate id {dup!r}")
+    rows.sort(key=lambda r: _order_key(r["id"]))
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    return rows
+
+
+def shard_key(problems: list[dict[str, Any]], cfg: GenerateConfig) -> str:
+    content = [{f: p.get(f) for f in PROBLEM_FIELDS} for p in problems]
+    payload = canonical_json(
+        {
+            "version": VERSION,
+            "problems": content,
+            "teacher": cfg.teacher.key_dump(),
+            "split": cfg.split,
+            "templates": TEMPLATE_HASH,
+        }
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def shard_uri(store: Store, key: str) -> str:
+    return store.uri(STAGE, "shards", key, "data.parquet")
+
+
+def _sampling_json(cfg: GenerateConfig) -> str:
+    t = cfg.teacher
+    return canonical_json(
+        {
+            "backend": t.backend,
+            "model": t.model,
+            "prompt": t.prompt,
+            "n": t.n,
+            "temperature": t.temperature,
+            "top_p": t.top_p,
+            "max_new_tokens": t.max_new_tokens,
+            "seed": t.seed,
+            "templates": TEMPLATE_HASH,
+        }
+    )
+
+
+# -- one shard ---------------------------------------------------------------------------------
+
+
+def _retry_errors(
+    teacher: Teacher, requests: list[GenRequest], results: list[list[Completion]], n: int
+) -> list[list[Completion]]:
+    """Regenerate once every request that has an error sample; keep the better sample per slot."""
+    failed = [i for i, comps in enumerate(results) if any(c.finish_reason == "error" for c in comps)]
+    if not failed:
+        return results
+    log.info("retrying %d request(s) with errors", len(failed))
+    try:
+        again = teacher.generate([requests[i] for i in failed], n)
+    except Exception as exc:  # a teacher that raises despite the protocol: keep the first errors
+        log.warning("retry raised %s", type(exc).__name__)
+        return results
+    merged = list(results)
+    for i, retry in zip(failed, again, strict=False):
+        merged[i] = [
+            r if c.finish_reason == "error" and r.finish_reason != "error" else c
+            for c, r in zip(results[i], _pad(retry, n), strict=True)
+        ]
+    return merged
+
+
+def _pad(comps: list[Completion], n: int) -> list[Completion]:
+    """A backend that returns fewer than `n` samples gets error rows for the missing ones."""
+    comps = list(comps)[:n]
+    while len(comps) < n:
+        comps.append(Completion("", "error", 0, 0, error="MissingSample: backend returned fewer samples"))
+    return comps
+
+
+def generate_shard(teacher: Teacher, problems: list[dict[str, Any]], cfg: GenerateConfig) -> pa.Table:
+    n = cfg.teacher.n
+    requests = [GenRequest(p["id"], messages_for(cfg.teacher.prompt, p["question"]), p) for p in problems]
+    try:
+        results = teacher.generate(requests, n)
+    except Exception as exc:  # the protocol says no exceptions; do not trust it with a shard
+        log.warning("teacher raised %s on a shard; treating as errors", type(exc).__name__)
+        err = f"{type(exc).__name__}: {exc}"[:500]
+        results = [[Completion("", "error", 0, 0, error=err)] * n for _ in requests]
+    if len(results) != len(requests):
+        raise GlyphError(f"teacher returned {len(results)} results for {len(requests)} requests")
+    results = [_pad(r, n) for r in results]
+    results = _retry_errors(teacher, requests, results, n)
+    sampling = _sampling_json(cfg)
+    name = getattr(teacher, "name", cfg.teacher.backend)
+    rows: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
+    for req, comps in zip(requests, results, strict=True):
+        prompt = json.dumps(req.messages, ensure_ascii=False)
+        for k, c in enumerate(comps):
+            rows["id"].append(req.id)
+            rows["sample"].append(k)
+            rows["prompt"].append(prompt)
+            rows["completion"].append(c.text or "")
+            rows["finish_reason"].append(c.finish_reason)
+            rows["prompt_tokens"].append(int(c.prompt_tokens))
+            rows["completion_tokens"].append(int(c.completion_tokens))
+            rows["teacher"].append(name)
+            rows["sampling"].append(sampling)
+            rows["error"].append(c.error)
+    return pa.table(rows, schema=SCHEMA)
+
+
+def _read_shard(store: Store, uri: str, expected_rows: int) -> pa.Table | None:
+    """A published shard, or None when it is absent or unreadable (then it is regenerated)."""
+    if not store.exists(uri):
+        return None
+    try:
+        table = pq.read_table(io.BytesIO(store.read_bytes(uri)))
+    except (StorageError, OSError, pa.ArrowInvalid) as exc:
+        log.warning("shard %s unreadable (%s); regenerating", uri, exc)
+        return None
+    if table.num_rows != expected_rows or table.schema.names != SCHEMA.names:
+        log.warning("shard %s has an unexpected shape; regenerating", uri)
+        return None
+    return table.cast(SCHEMA)
+
+
+def _publish_shard(store: Store, uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    store.publish_bytes(uri, buf.getvalue())
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def generate_key(problems_ref: DatasetRef, cfg: GenerateConfig) -> str:
+    """The stage's output key. The prompt template hash is an input next to the problems,
+    because TASK_SOURCE cannot see the templates; the Prefect task should key on this too."""
+    inputs = {"problems": problems_ref.sha256, "templates": TEMPLATE_HASH}
+    return stage_key(STAGE, VERSION, inputs, cfg.key_dump())
+
+
+def generate_traces(
+    store: Store,
+    problems_ref: DatasetRef,
+    cfg: GenerateConfig,
+    progress: Progress | None = None,
+    teacher: Teacher | None = None,
+) -> GenerateResult:
+    """Generate (or reuse) every shard, then publish the concatenated traces table.
+
+    `teacher` lets a caller pass a teacher it already built (evaluation, tests); it must match
+    `cfg.teacher`, which is what the shard keys are computed from. A teacher built here is
+    created only when some shard is missing, and closed at the end.
+    """
+    if cfg.shard_size < 1:
+        raise GlyphError("shard_size must be at least 1")
+    if cfg.teacher.n < 1:
+        raise GlyphError("teacher.n must be at least 1")
+    problems = select_problems(store.read_table(problems_ref), cfg)
+    shards = [problems[i : i + cfg.shard_size] for i in range(0, len(problems), cfg.shard_size)]
+    keys = [shard_key(s, cfg) for s in shards]
+    n = cfg.teacher.n
+
+    tables: list[pa.Table] = []
+    reused = generated = problems_done = 0
+    gen_tokens = 0
+    gen_seconds = 0.0
+    own_teacher = teacher is None
+    try:
+        for i, (shard, key) in enumerate(zip(shards, keys, strict=True)):
+            uri = shard_uri(store, key)
+            table = _read_shard(store, uri, len(shard) * n)
+            if table is not None:
+                reused += 1
+            else:
+                if teacher is None:
+                    from glyph_core.teachers import make_teacher
+
+                    teacher = make_teacher(cfg.teacher)
+                t0 = time.perf_counter()
+                table = generate_shard(teacher, shard, cfg)
+                gen_seconds += time.perf_counter() - t0
+                gen_tokens += int(pc.sum(table["completion_tokens"]).as_py() or 0)
+                _publish_shard(store, uri, table)
+                generated += 1
+            tables.append(table)
+            problems_done += len(shard)
+            if progress is not None:
+                progress(i + 1, len(shards), problems_done, gen_tokens / gen_seconds if gen_seconds else 0.0)
+    finally:
+        if own_teacher and teacher is not None:
+            teacher.close()
+
+    traces = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    ref = store.write_table(traces, STAGE, generate_key(problems_ref, cfg))
+    stats = trace_stats(traces, cfg)
+    return GenerateResult(
+        ref=ref,
+        rows=traces.num_rows,
+        shards_total=len(shards),
+        shards_generated=generated,
+        shards_reused=reused,
+        problems=problems_done,
+        completion_tokens=gen_tokens,
+        generate_s=round(gen_seconds, 3),
+        tokens_per_s=round(gen_tokens / gen_seconds, 2) if gen_seconds else 0.0,
+        **stats,
+    )
+
+
+def error_kind(error: str | None) -> str:
+    """`"APITimeoutError: Request timed out."` -> `"APITimeoutError"`."""
+    if not error:
+        return "unknown"
+    head = error.split(":", 1)[0].strip()
+    return head if head and " " not in head else "other"
+
+
+def trace_stats(traces: pa.Table, cfg: GenerateConfig) -> dict[str, Any]:
+    """Counts the run reports (reused shards included): errors by kind, finish reasons,
+    empty completions and, for the glyph prompt, completions that break the protocol."""
+    reasons = Counter(traces["finish_reason"].to_pylist())
+    errors: Counter[str] = Counter()
+    empty = invalid = 0
+    for text, reason, err in zip(
+        traces["completion"].to_pylist(),
+        traces["finish_reason"].to_pylist(),
+        traces["error"].to_pylist(),
+        strict=True,
+    ):
+        if reason == "error":
+            errors[error_kind(err)] += 1
+            continue
+        if not text.strip():
+            empty += 1
+        elif cfg.teacher.prompt == "glyph" and validate_trace(text):
+            invalid += 1
+    return {
+        "errors": dict(errors),
+        "finish_reasons": dict(reasons),
+        "empty": empty,
+        "invalid_structure": invalid,
+    }

@@ -1,0 +1,205 @@
+"""Pipeline profiles (`tiny`, `demo`, `full`) and `--set key=value` overrides.
+
+A profile is a complete `PipelineConfig`: one pydantic model holding every stage's config, so
+an override such as `generate.teacher.temperature=0.2` is validated by the same model that the
+stage later hashes into its cache key, and a typo fails before anything runs (`extra="forbid"`).
+
+- `tiny`: the tests' profile. A tiny random llama (alias `tiny-random`), a few problems per
+  source from the local data, the reference teacher (no model needed to generate), two train
+  steps, a few evaluation problems. Seconds per stage on a 2-core CPU.
+- `demo`: SmolLM2-135M-Instruct (alias `smollm2-135m`) on the real local data, sized for about
+  ten minutes on 2 CPU cores (the numbers are first guesses; tune after profiling).
+- `full`: Hub data at pinned revisions, Qwen2.5-7B-Instruct as teacher and student, vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from glyph_core.config import (
+    NOT_IN_KEY,
+    EvalConfig,
+    FilterConfig,
+    GenerateConfig,
+    RewriteConfig,
+    StrictModel,
+    TeacherConfig,
+    TrainConfig,
+    UnifyConfig,
+)
+from glyph_core.errors import GlyphError
+
+PROFILES: tuple[str, ...] = ("tiny", "demo", "full")
+
+
+class PipelineConfig(StrictModel):
+    """Everything one pipeline run needs besides the store. Stage configs are hashed into their
+    own stage's key only; the fields below them steer how the flow runs, not what it computes."""
+
+    profile: str = "custom"
+    unify: UnifyConfig = UnifyConfig()
+    generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()
+    rewrite: RewriteConfig = RewriteConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    # Orchestration only (never part of a stage key).
+    gpu_pool: str | None = Field(
+        default=None,
+        json_schema_extra=NOT_IN_KEY,
+        description="work pool for generate/train/evaluate; None runs them inline (issue 6 wires the pool)",
+    )
+    retries: int = Field(
+        default=2, ge=0, json_schema_extra=NOT_IN_KEY, description="task retries on transient errors"
+    )
+    retry_delay_s: float = Field(
+        default=2.0, ge=0, json_schema_extra=NOT_IN_KEY, description="first backoff delay"
+    )
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> str:
+    """`$GLYPH_DATA_DIR`, else `../shared/data` beside the repository (the data is never copied in)."""
+    env = os.environ.get("GLYPH_DATA_DIR")
+    if env:
+        return str(Path(env).expanduser())
+    return str((repo_root().parent / "shared" / "data").resolve())
+
+
+def _tiny() -> PipelineConfig:
+    return PipelineConfig(
+        profile="tiny",
+        unify=UnifyConfig(
+            data_dir=default_data_dir(), max_train_per_source=4, max_test_per_source=2, svamp_holdout=300
+        ),
+        generate=GenerateConfig(
+            teacher=TeacherConfig(backend="reference", model="reference", n=1, max_new_tokens=256),
+            shard_size=4,
+        ),
+        filter=FilterConfig(max_completion_tokens=1024, workers=1),
+        rewrite=RewriteConfig(glyph_min_bucket="easy", natural_ratio=1.0),  # every kept trace trains
+        train=TrainConfig(
+            base_model="tiny-random",
+            method="lora",
+            max_steps=2,
+            batch_size=2,
+            grad_accum=1,
+            max_seq_len=256,
+            bf16="off",
+            device="cpu",
+            save_steps=1000,
+        ),
+        evaluate=EvalConfig(per_bucket=1, max_new_tokens=16, batch_size=8, compare_base=True),
+        retries=1,
+        retry_delay_s=0.2,
+    )
+
+
+def _demo() -> PipelineConfig:
+    return PipelineConfig(
+        profile="demo",
+        unify=UnifyConfig(data_dir=default_data_dir(), max_train_per_source=40, max_test_per_source=10),
+        generate=GenerateConfig(
+            teacher=TeacherConfig(backend="reference", model="reference", n=1, max_new_tokens=384),
+            shard_size=16,
+        ),
+        filter=FilterConfig(),
+        rewrite=RewriteConfig(),
+        train=TrainConfig(
+            base_model="smollm2-135m",
+            method="lora",
+            max_steps=8,
+            batch_size=4,
+            grad_accum=1,
+            max_seq_len=384,
+            bf16="off",
+            device="cpu",
+            save_steps=4,
+        ),
+        evaluate=EvalConfig(per_bucket=2, max_new_tokens=192, batch_size=8, compare_base=True),
+    )
+
+
+def _full() -> PipelineConfig:
+    qwen = "Qwen/Qwen2.5-7B-Instruct"
+    return PipelineConfig(
+        profile="full",
+        unify=UnifyConfig(data_dir=None),
+        generate=GenerateConfig(
+            teacher=TeacherConfig(
+                backend="vllm", model=qwen, n=4, temperature=0.7, max_new_tokens=1024, dtype="bfloat16"
+            ),
+            shard_size=256,
+        ),
+        filter=FilterConfig(max_completion_tokens=1024),
+        rewrite=RewriteConfig(),
+        train=TrainConfig(
+            base_model=qwen, method="lora", epochs=2.0, batch_size=4, grad_accum=4, max_seq_len=2048
+        ),
+        evaluate=EvalConfig(per_bucket=None, max_new_tokens=1024, backend="vllm"),
+        gpu_pool=None,
+    )
+
+
+_BUILDERS = {"tiny": _tiny, "demo": _demo, "full": _full}
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: JSON where it parses (numbers, true/false, null, lists), else the string.
+
+    Pydantic then coerces and validates it against the field's type.
+    """
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        if "," in text and not text.startswith(("{", "[")):
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return text
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` → `{"a.b": 1, "c": "x"}`."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise GlyphError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any]) -> PipelineConfig:
+    """A new config with dotted-path overrides applied, validated as a whole."""
+    data = cfg.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                raise GlyphError(f"unknown setting {'.'.join(parts[: i + 1])!r} in {dotted!r}")
+            if node[part] is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise GlyphError(f"unknown setting {dotted!r}")
+        node[parts[-1]] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except Exception as exc:  # pydantic's message names the field and the bad value
+        raise GlyphError(f"invalid override: {exc}") from exc
+
+
+def load_profile(name: str, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    if name not in _BUILDERS:
+        raise GlyphError(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
+    cfg = _BUILDERS[name]()
+    return apply_overrides(cfg, overrides) if overrides else cfg

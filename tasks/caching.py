@@ -1,0 +1,186 @@
+"""Caching, result storage, locking and retries for the stage tasks (DESIGN §4).
+
+- `StageCachePolicy` keys a stage on `glyph_core.stages.stage_key_for`: stage name, explicit
+  version, sha256 of every input ref (never its path) and the config's `key_dump()`. It is the
+  same function that chooses the artifact's location, so a cache hit always names the artifact
+  written under the same key. It is combined with `TASK_SOURCE` (an edited task body reruns)
+  and never with `RUN_ID` (results are reused across runs).
+- Results are persisted as JSON (`result_serializer="json"`) under `{store}/_prefect/results`:
+  a cached task returns the small `StageOutput` again, never data, and the cache lives with the
+  artifacts it points to (same bucket on object storage, so another machine sees it).
+- `SERIALIZABLE` isolation with a `FileSystemLockManager`: two runs that reach the same key at
+  once compute it once; the second waits for the lock and then reads the committed result.
+- Retries with exponential backoff only for transient failures (storage, network, teacher
+  endpoint). A `GlyphError` is bad input or configuration: retrying cannot fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import RemoteFileSystem
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.tasks import exponential_backoff
+
+from glyph_core.errors import GlyphError, StorageError
+from glyph_core.stages import stage_key_for
+from glyph_core.storage import _storage_options
+
+PREFECT_DIR = "_prefect"
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Key = `stage_key_for(stage, task inputs)`: content of the inputs, not their paths."""
+
+    stage: str = ""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        return f"{self.stage}-{stage_key_for(self.stage, inputs)}"
+
+
+def stage_policy(stage: str, lock_dir: Path | None = None) -> CachePolicy:
+    """The stage's cache policy, `+ TASK_SOURCE`, serialisable across concurrent runs."""
+    policy = StageCachePolicy(stage=stage) + TASK_SOURCE
+    if lock_dir is None:
+        return policy
+    return policy.configure(isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_dir))
+
+
+def result_storage_for(store_root: str) -> Path | str:
+    """Where Prefect keeps the result records: beside the artifacts, under the store root.
+
+    Prefect 3.9 accepts a task's result storage only as a `Path` (a local directory) or a
+    block saved on the server, so an object store gets a `RemoteFileSystem` block named after
+    the store (saved again each call: cheap, and it keeps the endpoint current). The block holds
+    the endpoint only; credentials stay with botocore's own lookup (environment, config files),
+    so they are never written to the server or a log.
+    """
+    root = store_root.rstrip("/")
+    if "://" not in root or root.startswith("file://"):
+        return Path(root.removeprefix("file://")).expanduser().resolve() / PREFECT_DIR / "results"
+    name = "glyph-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
+    block = RemoteFileSystem(basepath=f"{root}/{PREFECT_DIR}/results", settings=_storage_options(root))
+    block.save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def lock_dir_for(store_root: str) -> Path:
+    """File locks must be on a local disk: beside a local store, else per store under the temp dir
+    (one host; several hosts on one object store need a shared lock manager, e.g. Redis)."""
+    root = store_root.rstrip("/")
+    if "://" not in root or root.startswith("file://"):
+        return Path(root.removeprefix("file://")).expanduser().resolve() / PREFECT_DIR / "locks"
+    digest = hashlib.sha256(root.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "glyph-locks" / digest
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Network and storage errors of the libraries a stage may go through."""
+    types: list[type[BaseException]] = [StorageError, OSError, ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ReadTimeoutError
+
+        types += [BotoConnectionError, ReadTimeoutError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        import httpx
+
+        types.append(httpx.TransportError)
+    except ImportError:
+        pass
+    try:
+        import openai
+
+        types += [openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+TRANSIENT: tuple[type[BaseException], ...] = _transient_types()
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Retry storage and network failures; never bad input or configuration (`GlyphError`)."""
+    if exc is None:
+        return False
+    if isinstance(exc, StorageError):
+        return True
+    if isinstance(exc, GlyphError):
+        return False
+    return isinstance(exc, TRANSIENT)
+
+
+def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's `retry_condition_fn`: the failed state carries the exception."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as raised:
+            exc = raised
+    return is_transient(exc)
+
+
+def retry_options(retries: int, first_delay_s: float) -> dict[str, Any]:
+    delays = exponential_backoff(backoff_factor=first_delay_s)(retries) if retries and first_delay_s else 0
+    return {
+        "retries": retries,
+        "retry_delay_seconds": delays,
+        "retry_jitter_factor": 0.5 if first_delay_s else None,
+        "retry_condition_fn": retry_on_transient,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# test hooks: count real executions and inject failures, driven by the environment so they
+# also work in subprocesses and worker processes. Inert unless the variables are set.
+
+EXEC_LOG_ENV = "GLYPH_TEST_EXEC_LOG"
+FAIL_ENV = (
+    "GLYPH_TEST_FAIL"  # "stage:kind:marker" — fail once (until marker exists); kind transient|fatal|crash
+)
+
+
+def record_execution(stage: str) -> None:
+    path = os.environ.get(EXEC_LOG_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{stage}\n")
+
+
+def maybe_inject_failure(stage: str) -> None:
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return
+    target, kind, marker = spec.split(":", 2)
+    if target != stage or Path(marker).exists():
+        return
+    Path(marker).write_text(kind)
+    if kind == "transient":
+        raise OSError(f"injected transient failure in {stage}")
+    if kind == "crash":
+        os._exit(137)  # like the OOM killer: no exception handler, no cleanup
+    raise GlyphError(f"injected failure in {stage}")

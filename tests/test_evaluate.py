@@ -1,0 +1,315 @@
+"""The evaluate stage: scoring, intervals, AUROC, aggregation, and base vs tuned end to end with a
+tiny random model (its completions are noise; the plumbing, files and caching are what is tested)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from glyph_core import evaluate as ev
+from glyph_core.config import EvalConfig, LoraConfig, TrainConfig
+from glyph_core.errors import GlyphError
+from glyph_core.evaluate import (
+    aggregate,
+    auroc,
+    check_tuned_model,
+    score_completion,
+    select_problems,
+    selectivity,
+    wilson,
+)
+from glyph_core.storage import ModelRef, Store
+from glyph_core.teachers.base import Completion
+
+G, P, S, T, F = "\U0001f71e", "\U0001f706", "\U0001f702", "\U0001f703", "\U0001f75e"
+VALID = f"{G} add things\n{P} sum them\n{S} 2 + 3 = 5\n{T} the sum is 5\n{F} 5"
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+
+def test_score_full_valid_trace():
+    s = score_completion(VALID, "5")
+    assert s["emerged"] and s["valid"] and not s["partial"] and s["correct"]
+    assert s["glyph_kinds"] == 5 and s["violations"] == [] and s["pred"] == "5"
+
+
+def test_score_partial_glyphs_are_emerged_but_not_valid():
+    s = score_completion(f"Adding gives five.\n{F} 5", "5")
+    assert s["emerged"] and s["partial"] and not s["valid"] and s["correct"]
+    assert s["glyph_kinds"] == 1 and "missing_glyph" in s["violations"]
+    wrong_order = score_completion(f"{P} plan\n{G} rule\n{S} step\n{T} so\n{F} 5", "5")
+    assert wrong_order["partial"] and "wrong_order" in wrong_order["violations"]
+
+
+def test_score_natural_answers():
+    s = score_completion("2 + 3 = 5, so the answer is $\\frac{10}{2}$.", "5")
+    assert not s["emerged"] and not s["valid"] and not s["partial"] and s["correct"]
+    assert s["violations"] == []
+    assert not score_completion("The answer is 6.", "5")["correct"]
+    assert not score_completion("", "5")["correct"]
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+
+def test_wilson_known_values():
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    assert all(math.isnan(x) for x in wilson(0, 0))
+
+
+def _brute_auroc(labels, scores):
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_known_cases():
+    assert auroc([False, False, True, True], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert auroc([True, True, False, False], [0.1, 0.2, 0.8, 0.9]) == 0.0
+    assert auroc([True, False, True, False], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert auroc([True, True], [0.1, 0.2]) is None
+    assert auroc([], []) is None
+    labels = [True, False, True, True, False, False, True, False]
+    scores = [0.75, 0.5, 0.5, 1.0, 0.0, 0.25, 0.25, 0.75]
+    assert auroc(labels, scores) == pytest.approx(_brute_auroc(labels, scores))
+
+
+# -- selection and aggregation --------------------------------------------------------------------
+
+
+def problems_table() -> pa.Table:
+    rows = []
+    diffs = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
+    for source in ("gsm8k", "math"):
+        for bucket, d in diffs.items():
+            for i in range(3):
+                for split in ("train", "test"):
+                    a = 2 * i + 1
+                    rows.append(
+                        {
+                            "id": f"{source}/{split}/{bucket}/{i}",
+                            "source": source,
+                            "split": split,
+                            "question": f"What is {i} + {i + 1}?",
+                            "solution": f"{i} + {i + 1} = {a}",
+                            "answer": str(a),
+                            "difficulty": d,
+                            "bucket": bucket,
+                            "level": None,
+                            "type": None,
+                            "math500": False,
+                        }
+                    )
+    return pa.Table.from_pylist(rows)
+
+
+def test_select_problems_held_out_and_deterministic():
+    t = problems_table()
+    all_test = select_problems(t, EvalConfig())
+    assert all_test.num_rows == 18 and set(all_test.column("split").to_pylist()) == {"test"}
+    one = select_problems(t, EvalConfig(per_bucket=1))
+    assert one.num_rows == 6  # 2 sources x 3 buckets
+    assert (
+        one.column("id").to_pylist() == select_problems(t, EvalConfig(per_bucket=1)).column("id").to_pylist()
+    )
+    assert {(r["source"], r["bucket"]) for r in one.to_pylist()} == {
+        (s, b) for s in ("gsm8k", "math") for b in ("easy", "medium", "hard")
+    }
+    other_seed = select_problems(t, EvalConfig(per_bucket=1, seed=7)).column("id").to_pylist()
+    assert len(other_seed) == 6
+
+
+def test_empty_evaluation_set_is_an_error():
+    train_only = problems_table().filter(pa.compute.equal(problems_table()["split"], "train"))
+    with pytest.raises(GlyphError, match="empty evaluation set"):
+        select_problems(train_only, EvalConfig())
+    with pytest.raises(GlyphError, match="lacks columns"):
+        select_problems(pa.table({"id": ["a"]}), EvalConfig())
+
+
+def _fake_scored() -> pa.Table:
+    """Tuned: glyphs on every hard problem, none on easy. Base: never."""
+    rows = [r for r in problems_table().to_pylist() if r["split"] == "test"]
+    comps_tuned = [Completion(VALID if r["bucket"] == "hard" else "It is 5.", "stop", 10, 20) for r in rows]
+    comps_base = [Completion("I think 5.", "stop", 10, 4) for r in rows]
+    return pa.concat_tables(
+        [ev.score_rows(rows, comps_base, "base"), ev.score_rows(rows, comps_tuned, "tuned")]
+    )
+
+
+def test_aggregate_and_selectivity():
+    scored = _fake_scored()
+    table = aggregate(scored)
+    by = {(r["model"], r["group_by"], r["group"]): r for r in table.to_pylist()}
+    assert by[("tuned", "bucket", "hard")]["emergence"] == 1.0
+    assert by[("tuned", "bucket", "easy")]["emergence"] == 0.0
+    assert by[("tuned", "all", "all")]["n"] == 18
+    assert by[("tuned", "source", "math")]["n"] == 9
+    assert by[("tuned", "source_bucket", "math/hard")]["valid"] == 1.0
+    assert by[("base", "bucket", "hard")]["emergence"] == 0.0
+    assert by[("base", "all", "all")]["mean_tokens"] == 4.0
+    # answers are "5"; golds are 1, 3, 5 → one in three correct for both
+    assert by[("base", "all", "all")]["accuracy"] == pytest.approx(1 / 3)
+    lo, hi = wilson(6, 18)
+    assert by[("base", "all", "all")]["accuracy_lo"] == pytest.approx(lo)
+    assert by[("base", "all", "all")]["accuracy_hi"] == pytest.approx(hi)
+
+    sel = selectivity(scored)
+    assert sel["tuned"]["emergence_hard_minus_easy"] == 1.0
+    assert sel["tuned"]["auroc_glyph_vs_difficulty"] == 1.0
+    assert sel["base"]["auroc_glyph_vs_difficulty"] is None  # never uses glyphs: undefined
+    metrics = ev.build_metrics(scored, table)
+    assert metrics["tuned_minus_base"]["hard"]["emergence"] == 1.0
+    json.dumps(metrics, allow_nan=False)  # NaNs became nulls
+    md = ev.markdown_table(table)
+    assert "| hard | tuned | 6 | 100.0%" in md
+    png = ev.plot_png(table)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def _sft_rows() -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "id": f"r{i}",
+                "kind": "glyph",
+                "messages": [
+                    {"role": "user", "content": f"What is {i} + 1?"},
+                    {"role": "assistant", "content": VALID},
+                ],
+            }
+            for i in range(4)
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    from glyph_core.models import tiny_model_dir
+
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny) -> tuple[Store, ModelRef]:
+    from glyph_core.train import run_train
+
+    root = tmp_path_factory.mktemp("evalstore")
+    store = Store(root)
+    ref = store.write_table(_sft_rows(), "rewrite", "x")
+    cfg = TrainConfig(
+        base_model=tiny, max_steps=2, batch_size=2, grad_accum=1, lora=LoraConfig(r=4, alpha=8), num_threads=2
+    )
+    return store, run_train(store, ref, cfg, work_dir=root / "work")
+
+
+def test_adapter_for_another_base_is_rejected(tmp_path, trained, tiny):
+    from glyph_core.models import tiny_model_dir
+
+    store, ref = trained
+    adapter = store.get_dir(ref)
+    assert check_tuned_model(adapter, tiny) == adapter
+    other = str(tiny_model_dir("qwen2"))
+    with pytest.raises(GlyphError, match="not on the configured base model"):
+        check_tuned_model(adapter, other)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(GlyphError, match="no config.json"):
+        check_tuned_model(empty, tiny)
+
+
+def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, trained, tiny):
+    from glyph_core.models import tiny_model_dir
+
+    def boom(*a, **k):
+        raise AssertionError("generation started before input checks")
+
+    monkeypatch.setattr(ev, "generate_completions", boom)
+    store, ref = trained
+    train_only = problems_table().filter(pa.compute.equal(problems_table()["split"], "train"))
+    with pytest.raises(GlyphError, match="empty evaluation set"):
+        ev.evaluate(train_only, EvalConfig(), tmp_path, base_model=tiny, model=store.get_dir(ref))
+    with pytest.raises(GlyphError, match="configured base"):
+        ev.evaluate(
+            problems_table(),
+            EvalConfig(),
+            tmp_path,
+            base_model=str(tiny_model_dir("qwen2")),
+            model=store.get_dir(ref),
+        )
+    empty_ref = store.write_table(train_only, "unify", "t")
+    with pytest.raises(GlyphError, match="empty evaluation set"):
+        ev.run_evaluate(store, empty_ref, ref, EvalConfig())
+
+
+def test_base_vs_tuned_end_to_end(tmp_path, trained, tiny):
+    store, ref = trained
+    cfg = EvalConfig(per_bucket=1, max_new_tokens=6, batch_size=8)
+    result = ev.evaluate(problems_table(), cfg, tmp_path / "out", base_model=tiny, model=store.get_dir(ref))
+    comp = result.completions
+    assert comp.num_rows == 12
+    base_ids = [r["id"] for r in comp.to_pylist() if r["model"] == "base"]
+    tuned_ids = [r["id"] for r in comp.to_pylist() if r["model"] == "tuned"]
+    assert base_ids == tuned_ids and len(base_ids) == 6  # the same problems, side by side
+    assert all(0 < t <= 6 for t in comp.column("completion_tokens").to_pylist())
+    assert set(result.metrics["models"]) == {"base", "tuned"}
+    for name in ("completions", "table", "table_md", "metrics", "plot"):
+        assert Path(result.paths[name]).is_file(), name
+    assert Path(result.paths["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert pq.read_table(result.paths["completions"]).num_rows == 12
+    metrics = json.loads(Path(result.paths["metrics"]).read_text())
+    assert metrics["n_problems"] == 6 and "tuned_minus_base" in metrics
+
+
+def test_run_evaluate_caches_the_base_model_apart(monkeypatch, trained, tiny):
+    store, ref = trained
+    problems_ref = store.write_table(problems_table(), "unify", "p")
+    cfg = EvalConfig(per_bucket=1, max_new_tokens=4)
+    calls: list[str] = []
+    real = ev.generate_completions
+
+    def counting(problems, model, label, cfg):
+        calls.append(label)
+        return real(problems, model, label, cfg)
+
+    monkeypatch.setattr(ev, "generate_completions", counting)
+    first = ev.run_evaluate(store, problems_ref, ref, cfg)
+    assert calls == ["base", "tuned"]
+    assert first.paths["plot"].endswith("emergence_accuracy.png") and store.exists(first.paths["plot"])
+    assert store.exists(first.paths["metrics"])
+
+    calls.clear()
+    again = ev.run_evaluate(store, problems_ref, ref, cfg.model_copy(update={"batch_size": 2}))
+    assert calls == []  # same key (batch_size is not in it): everything cached
+    assert again.completions.equals(first.completions)
+
+    # A re-trained model reuses the base completions and generates only its own.
+    from glyph_core.train import run_train
+
+    manifest = store.read_json(f"{ref.uri}/manifest.json")
+    sft_ref = store.write_table(_sft_rows(), "rewrite", "y")
+    cfg2 = TrainConfig(**{**manifest["config"], "seed": 1})
+    retrained = run_train(store, sft_ref, cfg2)
+    assert retrained.sha256 != ref.sha256
+    calls.clear()
+    ev.run_evaluate(store, problems_ref, retrained, cfg)
+    assert calls == ["tuned"]
+    calls.clear()
+    ev.run_evaluate(store, problems_ref, ref, cfg.model_copy(update={"max_new_tokens": 3}))
+    assert calls == ["base", "tuned"]  # a config change that alters outputs recomputes both
