@@ -27,6 +27,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _tiny_data(work: Path) -> Path:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from glyph_core.config import LoraConfig, TrainConfig  # noqa: E402
 from glyph_core.train import resolve_base_model, train_sft  # noqa: E402
 
-console = Console()
+console = Console(width=160)  # a wide table also when the output is a file
 G, P, S, T, F = "\U0001f71e", "\U0001f706", "\U0001f702", "\U0001f703", "\U0001f75e"
 
 

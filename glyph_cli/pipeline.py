@@ -41,7 +41,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_column("prefect s", justify="right")
     table.add_column("rows in → out", justify="right")
     table.add_column("drops")
-    table.add_column("artifact")
+    table.add_column("artifact", overflow="fold")
     for row in summary["stages"]:
         drops = ", ".join(f"{k} {v}" for k, v in row["drops"].items() if v) or ""
         table.add_row(

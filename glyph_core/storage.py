@@ -180,6 +180,21 @@ class Store:
         if hashlib.sha256(self.read_bytes(ref.uri)).hexdigest() != ref.sha256:
             raise StorageError(f"{ref.uri}: content does not match its sha256 {ref.sha256[:12]}…")
 
+    def check_model(self, ref: ModelRef) -> dict[str, Any]:
+        """The model's manifest, after checking its hash and that every listed file exists.
+
+        Cheap (no download of the weights), for deciding whether a cached ref is still usable;
+        `get_dir` checks every file's hash when the model is actually loaded.
+        """
+        body = self.read_bytes(f"{ref.uri}/{MANIFEST}")
+        if hashlib.sha256(body).hexdigest() != ref.sha256:
+            raise StorageError(f"{ref.uri}: manifest does not match its sha256")
+        manifest = json.loads(body)
+        for rel in manifest["files"]:
+            if not self.exists(f"{ref.uri}/{rel}"):
+                raise StorageError(f"{ref.uri}/{rel}: listed in the manifest but missing")
+        return dict(manifest)
+
     def verify_model(self, ref: ModelRef) -> dict[str, Any]:
         """The model's manifest, after checking it and every file it lists against their hashes."""
         body = self.read_bytes(f"{ref.uri}/{MANIFEST}")

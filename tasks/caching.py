@@ -17,9 +17,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.tasks import exponential_backoff
+from prefect.types._datetime import now
 
 from glyph_core.errors import GlyphError, StorageError
 from glyph_core.stages import stage_key_for
@@ -52,12 +58,90 @@ class StageCachePolicy(CachePolicy):
         return f"{self.stage}-{stage_key_for(self.stage, inputs)}"
 
 
+class LivenessFileLockManager(FileSystemLockManager):
+    """Prefect's `FileSystemLockManager`, plus: a lock whose holder process is gone is broken.
+
+    Prefect's file locks never expire (the transaction passes no hold timeout), so a run killed
+    while computing a stage (OOM killer, SIGKILL, a crashed machine) would leave its lock
+    behind, and every later run with the same key would wait on it forever. Each lock file here
+    also records the holder's pid and host; a waiter on the same host that finds the pid dead
+    removes the lock and proceeds. The lock file is published with a hard link from a complete
+    temporary file, so a reader never sees a half-written lock (the base class can, and then
+    fails to parse it).
+    """
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        self._ensure_lock_files_directory_exists()
+        lock_path = self._lock_path_for_key(key)
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            if self.is_lock_holder(key, holder):
+                return True
+            expiration = now("UTC") + timedelta(seconds=hold_timeout) if hold_timeout is not None else None
+            body = json.dumps(
+                {
+                    "holder": holder,
+                    "expiration": str(expiration) if expiration is not None else None,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                }
+            ).encode()
+            tmp = lock_path.with_name(f".{lock_path.name}.{uuid.uuid4().hex}")
+            tmp.write_bytes(body)
+            try:
+                os.link(tmp, lock_path)  # atomic; fails if another holder has the lock
+                self._locks[key] = {"holder": holder, "expiration": expiration, "path": lock_path}  # type: ignore[typeddict-item]
+                return True
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.wait_for_lock(key, remaining) or (
+                deadline is not None and time.monotonic() > deadline
+            ):
+                return False
+
+    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
+        try:
+            return super()._get_lock_info(key, use_cache=use_cache)
+        except ValueError:  # unparsable: written by an older Prefect mid-write; locked, owner unknown
+            return {"holder": "", "expiration": None, "path": self._lock_path_for_key(key)}
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if not super().is_locked(key, use_cache=use_cache):
+            return False
+        info = self._get_lock_info(key, use_cache=use_cache) or {}
+        pid, host = info.get("pid"), info.get("host")
+        if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+            Path(info["path"]).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def stage_policy(stage: str, lock_dir: Path | None = None) -> CachePolicy:
     """The stage's cache policy, `+ TASK_SOURCE`, serialisable across concurrent runs."""
     policy = StageCachePolicy(stage=stage) + TASK_SOURCE
     if lock_dir is None:
         return policy
-    return policy.configure(isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_dir))
+    return policy.configure(isolation_level="SERIALIZABLE", lock_manager=LivenessFileLockManager(lock_dir))
 
 
 def result_storage_for(store_root: str) -> Path | str:

@@ -40,14 +40,8 @@ from tasks.caching import (
     stage_policy,
 )
 
-_COMMON: dict[str, Any] = {
-    "persist_result": True,
-    "result_serializer": "json",
-    "retry_condition_fn": retry_options(2, 2.0)["retry_condition_fn"],
-    "retries": 2,
-    "retry_delay_seconds": retry_options(2, 2.0)["retry_delay_seconds"],
-    "retry_jitter_factor": 0.5,
-}
+# Defaults for a task called without `stage_task_options` (the flow always passes those).
+_COMMON: dict[str, Any] = {"persist_result": True, "result_serializer": "json", **retry_options(2, 2.0)}
 
 
 class ProgressArtifact:

@@ -313,3 +313,65 @@ def test_run_evaluate_caches_the_base_model_apart(monkeypatch, trained, tiny):
     calls.clear()
     ev.run_evaluate(store, problems_ref, ref, cfg.model_copy(update={"max_new_tokens": 3}))
     assert calls == ["base", "tuned"]  # a config change that alters outputs recomputes both
+
+
+def test_cli_train_then_evaluate(tmp_path, tiny):
+    """`glyph train` and `glyph evaluate` on files, end to end with the tiny model."""
+    from typer.testing import CliRunner
+
+    from glyph_cli.main import app
+
+    sft = tmp_path / "sft.parquet"
+    pq.write_table(_sft_rows(), sft)
+    problems = tmp_path / "problems.parquet"
+    pq.write_table(problems_table(), problems)
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(sft),
+            "-o",
+            str(tmp_path / "run"),
+            "--base-model",
+            tiny,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--lora-r",
+            "4",
+            "--threads",
+            "2",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "adapter_config.json").exists()
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(problems),
+            "--model",
+            str(model_dir),
+            "--base-model",
+            tiny,
+            "--per-bucket",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "-o",
+            str(tmp_path / "eval"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "eval" / "emergence_accuracy.png").is_file()
+    assert (tmp_path / "eval" / "table.md").read_text().count("| tuned |") == 4  # 3 buckets + all
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "x", "messages": [{"role": "user", "content": "q"}]}]), bad)
+    res = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "r2"), "--base-model", tiny])
+    assert res.exit_code == 1 and "no assistant turn" in res.output
