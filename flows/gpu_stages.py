@@ -281,12 +281,13 @@ def dispatch(stage: str, store: Store, deployment: str, **inputs: Any) -> StageO
     tag = dispatch_tag(parent_id, stage, parameters)
     name = f"{flow_name(stage)}/{deployment}"
 
+    child: Any
     with get_client(sync_client=True) as client:
         child = _existing_child(client, tag)
     if child is not None:
         logger.info("%s: reattaching to %s (%s), %s", stage, child.name, child.id, child.state.name)
     else:
-        child = run_deployment(
+        child = run_deployment(  # type: ignore[assignment]  # sync call: a FlowRun, not a coroutine
             name,
             parameters=parameters,
             timeout=0,

@@ -100,7 +100,7 @@ def watch_datasets(
     location = location_key(data_dir)
     current = fingerprints(sources, data_dir, revisions)
 
-    stored: dict[str, Any] = Variable.get(variable, default=None) or {}
+    stored: dict[str, Any] = Variable.get(variable, default={}) or {}
     previous: dict[str, str] = dict(stored.get(location, {}))
     changed, new = diff(previous, current)
     to_report = changed + (new if emit_on_first_run else [])

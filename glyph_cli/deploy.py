@@ -94,7 +94,7 @@ async def list_deployments() -> list[str]:
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         gcl = getattr(d, "global_concurrency_limit", None)
         extra = [f"concurrency {gcl.limit}"] if gcl is not None else []
-        extra += [f"schedule {s.schedule.cron}" for s in d.schedules if getattr(s.schedule, "cron", None)]
+        extra += [f"schedule {cron}" for s in d.schedules if (cron := getattr(s.schedule, "cron", None))]
         lines.append(
             f"deployment {flows.get(d.flow_id, '?')}/{d.name} -> pool {d.work_pool_name} {', '.join(extra)}"
         )

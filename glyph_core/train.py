@@ -253,7 +253,7 @@ def _use_bf16(cfg: TrainConfig, device: str) -> bool:
     return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _checkpointing_arg(config_cls: Any, on: bool) -> dict[str, bool]:
+def _checkpointing_arg(config_cls: Any, on: bool) -> dict[str, Any]:
     """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; TRL's
     config still defaults the old name to True, so the new one is set explicitly when it exists."""
     import dataclasses
@@ -274,6 +274,18 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     if not done:
         return None
     return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1])))
+
+
+def _portable_adapter_base(model_dir: Path, base_model: str) -> None:
+    """PEFT records the base as the path it was loaded from; for an alias (``smollm2-135m``) that
+    is this host's cache directory, which a GPU worker elsewhere does not have. Record the alias
+    instead: the teacher backends resolve it on whichever host loads the adapter."""
+    cfg_path = model_dir / "adapter_config.json"
+    if not cfg_path.exists() or Path(base_model).expanduser().exists():
+        return
+    data = json.loads(cfg_path.read_text())
+    data["base_model_name_or_path"] = base_model
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _load_rows(sft_rows: pa.Table | DatasetRef, store: Store | None) -> tuple[pa.Table, str | None]:
@@ -398,13 +410,14 @@ def train_sft(
     # never leaves a half-written model directory that looks complete.
     tmp = output_dir / f".{MODEL_SUBDIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trained = trainer.model
+    trained: Any = trainer.model
     kind = cfg.method
     if cfg.method == "lora" and cfg.merge:
         trained = trained.merge_and_unload()
         kind = "full"
     trained.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _portable_adapter_base(tmp, cfg.base_model)
     manifest = {
         "stage": "train",
         "version": VERSION,
@@ -420,7 +433,7 @@ def train_sft(
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp.rename(model_dir)
-    trainer.model.eval()
+    trained.eval()
     return TrainResult(
         model_dir=model_dir,
         manifest=manifest,

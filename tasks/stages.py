@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -147,7 +147,7 @@ def evaluate_task(store: str, problems: DatasetRef, model: ModelRef, cfg: EvalCo
     return _execute("evaluate", store, problems=problems, model=model, cfg=cfg)
 
 
-STAGE_TASKS = {
+STAGE_TASKS: dict[str, Task[..., StageOutput]] = {
     "unify": unify_task,
     "generate": generate_task,
     "filter": filter_task,

@@ -295,3 +295,41 @@ def test_run_train_publishes_model_and_metrics(tmp_path, tiny):
     # A speed-only field does not change the key; a training field does.
     assert train_key(sft_ref, cfg.model_copy(update={"num_threads": 1})) == key
     assert train_key(sft_ref, cfg.model_copy(update={"learning_rate": 1e-4})) != key
+
+
+@pytest.mark.slow
+def test_smollm2_lora_steps_and_greedy_eval(tmp_path):
+    """The real 135M model: a few LoRA steps, then the tuned adapter through the evaluate stage."""
+    from glyph_core import evaluate as ev
+    from glyph_core.config import EvalConfig
+
+    cfg = cfg_for("smollm2-135m", max_steps=3, batch_size=2, learning_rate=1e-3, max_seq_len=256)
+    result = train_sft(sft_rows(6), cfg, tmp_path / "run")
+    losses = result.metrics.column("loss").to_pylist()
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[0] < 6.0  # a real model starts far below the ln(vocab) ≈ 10.8 of a random one
+    adapter_cfg = json.loads((result.model_dir / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "smollm2-135m"  # portable across hosts
+    problems = pa.Table.from_pylist(
+        [
+            {
+                "id": f"p{i}",
+                "source": "gsm8k",
+                "split": "test",
+                "question": f"What is {i} + {i}?",
+                "answer": str(2 * i),
+                "difficulty": d,
+                "bucket": b,
+            }
+            for i, (d, b) in enumerate([(0.0, "easy"), (1.0, "hard")], start=2)
+        ]
+    )
+    out = ev.evaluate(
+        problems,
+        EvalConfig(max_new_tokens=24),
+        tmp_path / "eval",
+        base_model="smollm2-135m",
+        model=result.model_dir,
+    )
+    assert out.completions.num_rows == 4
+    assert all(t > 0 for t in out.completions.column("completion_tokens").to_pylist())
