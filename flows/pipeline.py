@@ -96,10 +96,10 @@ class _Runner:
         return out
 
     def _dispatch(self, stage: str, refresh: bool, inputs: dict[str, Any]) -> tuple[StageOutput, bool]:
-        if self.cfg.gpu_pool and stage in GPU_STAGES:
-            # Issue 6: run_deployment(f"glyph-{stage}/{pool}", parameters=...) inside a cached
-            # task keyed like this stage, so a retry never re-dispatches a finished GPU run.
-            raise GlyphError(f"gpu_pool={self.cfg.gpu_pool!r}: dispatch to a work pool is not wired yet")
+        if stage in GPU_STAGES:
+            # gpu_pool None: $GLYPH_GPU_DEPLOYMENT decides (the deployment sets it); "inline" runs
+            # here. See flows/gpu_stages.py.
+            inputs = {**inputs, "gpu_pool": self.cfg.gpu_pool}
         return self._call(stage, refresh, inputs)
 
 

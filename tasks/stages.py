@@ -29,7 +29,7 @@ from glyph_core.config import (
     TrainConfig,
     UnifyConfig,
 )
-from glyph_core.stages import RUNNERS, StageOutput
+from glyph_core.stages import GPU_STAGES, RUNNERS, StageOutput
 from glyph_core.storage import DatasetRef, ModelRef, Store
 from tasks.caching import (
     lock_dir_for,
@@ -106,13 +106,22 @@ def _publish_artifacts(store: Store, out: StageOutput) -> None:
     create_markdown_artifact(markdown="\n".join(lines), description=f"{out.stage} outputs")
 
 
-def _execute(stage: str, store_uri: str, progress: bool = False, **inputs: Any) -> StageOutput:
+def _execute(
+    stage: str, store_uri: str, progress: bool = False, gpu_pool: str | None = None, **inputs: Any
+) -> StageOutput:
     record_execution(stage)
     maybe_inject_failure(stage)
     store = Store(store_uri)
     if progress:
         inputs["progress"] = ProgressArtifact(stage)
-    out = RUNNERS[stage](store, **inputs)
+    if stage in GPU_STAGES:
+        # Inline, or a flow run of glyph-<stage>/<deployment> on the GPU pool (issue 6), inside
+        # the task: a Cached task never dispatches again.
+        from flows.gpu_stages import dispatch_or_inline
+
+        out = dispatch_or_inline(stage, store, deployment=gpu_pool, **inputs)
+    else:
+        out = RUNNERS[stage](store, **inputs)
     _publish_artifacts(store, out)
     return out
 
@@ -123,8 +132,10 @@ def unify_task(store: str, cfg: UnifyConfig) -> StageOutput:
 
 
 @task(name="generate", cache_policy=stage_policy("generate"), **_COMMON)
-def generate_task(store: str, problems: DatasetRef, cfg: GenerateConfig) -> StageOutput:
-    return _execute("generate", store, progress=True, problems=problems, cfg=cfg)
+def generate_task(
+    store: str, problems: DatasetRef, cfg: GenerateConfig, gpu_pool: str | None = None
+) -> StageOutput:
+    return _execute("generate", store, progress=True, gpu_pool=gpu_pool, problems=problems, cfg=cfg)
 
 
 @task(name="filter", cache_policy=stage_policy("filter"), **_COMMON)
@@ -138,13 +149,15 @@ def rewrite_task(store: str, kept: DatasetRef, problems: DatasetRef, cfg: Rewrit
 
 
 @task(name="train", cache_policy=stage_policy("train"), **_COMMON)
-def train_task(store: str, sft: DatasetRef, cfg: TrainConfig) -> StageOutput:
-    return _execute("train", store, progress=True, sft=sft, cfg=cfg)
+def train_task(store: str, sft: DatasetRef, cfg: TrainConfig, gpu_pool: str | None = None) -> StageOutput:
+    return _execute("train", store, progress=True, gpu_pool=gpu_pool, sft=sft, cfg=cfg)
 
 
 @task(name="evaluate", cache_policy=stage_policy("evaluate"), **_COMMON)
-def evaluate_task(store: str, problems: DatasetRef, model: ModelRef, cfg: EvalConfig) -> StageOutput:
-    return _execute("evaluate", store, problems=problems, model=model, cfg=cfg)
+def evaluate_task(
+    store: str, problems: DatasetRef, model: ModelRef, cfg: EvalConfig, gpu_pool: str | None = None
+) -> StageOutput:
+    return _execute("evaluate", store, gpu_pool=gpu_pool, problems=problems, model=model, cfg=cfg)
 
 
 STAGE_TASKS: dict[str, Task[..., StageOutput]] = {
