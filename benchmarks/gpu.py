@@ -62,11 +62,44 @@ QWEN25_7B = dict(
     vocab_size=152064,
 )
 
-WORDS = (
-    "apples train speed distance hours each total costs dollars twice half more less than "
-    "number sum product ratio percent area triangle circle radius integer prime remainder "
-    "marbles boxes students books pages minutes weekly price discount tickets"
-).split()
+WORDS = [
+    "apples",
+    "train",
+    "speed",
+    "distance",
+    "hours",
+    "each",
+    "total",
+    "costs",
+    "dollars",
+    "twice",
+    "half",
+    "more",
+    "less",
+    "than",
+    "number",
+    "sum",
+    "product",
+    "ratio",
+    "percent",
+    "area",
+    "triangle",
+    "circle",
+    "radius",
+    "integer",
+    "prime",
+    "remainder",
+    "marbles",
+    "boxes",
+    "students",
+    "books",
+    "pages",
+    "minutes",
+    "weekly",
+    "price",
+    "discount",
+    "tickets",
+]
 
 
 def sync_time() -> float:
@@ -132,8 +165,12 @@ def bench_ours(model: Any, tok: Any, qs: list[str], batch: int, max_new: int) ->
     from glyph_core.teachers.hf import TransformersTeacher
 
     cfg = TeacherConfig(
-        backend="transformers", model="random-qwen2.5-7b", temperature=0.0,
-        max_new_tokens=max_new, batch_size=batch, device="cuda",
+        backend="transformers",
+        model="random-qwen2.5-7b",
+        temperature=0.0,
+        max_new_tokens=max_new,
+        batch_size=batch,
+        device="cuda",
     )
     teacher = TransformersTeacher(cfg, model=model, tokenizer=tok)
     teacher.eos_ids = {QWEN25_7B["vocab_size"] - 1}  # effectively never: run to max_new_tokens
@@ -144,23 +181,34 @@ def bench_ours(model: Any, tok: Any, qs: list[str], batch: int, max_new: int) ->
     out = teacher.generate(reqs, 1)
     secs = sync_time() - t0
     tokens = sum(c[0].completion_tokens for c in out)
-    return {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
-            "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "tokens": tokens,
+        "seconds": secs,
+        "tokens_per_s": tokens / secs,
+        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def bench_original(model: Any, tok: Any, qs: list[str], max_new: int, batch: int = 8) -> dict[str, Any]:
     """The original scripts: unsorted batches of 8, padded to the longest prompt, plain generate."""
     from glyph_core.prompts import latent_messages
 
-    texts = [tok.apply_chat_template(latent_messages(q), tokenize=False, add_generation_prompt=True) for q in qs]
+    texts = [
+        tok.apply_chat_template(latent_messages(q), tokenize=False, add_generation_prompt=True) for q in qs
+    ]
     tok.padding_side = "left"
     eos = QWEN25_7B["vocab_size"] - 1
 
     def run(chunk: list[str]) -> int:
         enc = tok(chunk, return_tensors="pt", padding=True).to("cuda")
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
+            )
         return int((out.shape[1] - enc["input_ids"].shape[1]) * len(chunk))
 
     run(texts[:batch])
@@ -168,15 +216,24 @@ def bench_original(model: Any, tok: Any, qs: list[str], max_new: int, batch: int
     t0 = sync_time()
     tokens = sum(run(texts[i : i + batch]) for i in range(0, len(texts), batch))
     secs = sync_time() - t0
-    return {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
-            "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "tokens": tokens,
+        "seconds": secs,
+        "tokens_per_s": tokens / secs,
+        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def decode_bound(params: int, batch: int, ctx: int, bw: float) -> float:
     """Tokens/s if every decode step only had to read the weights and the KV cache once."""
     weight_bytes = 2 * params
-    kv_per_token = 2 * QWEN25_7B["num_hidden_layers"] * QWEN25_7B["num_key_value_heads"] * (
-        QWEN25_7B["hidden_size"] // QWEN25_7B["num_attention_heads"]) * 2
+    kv_per_token = (
+        2
+        * QWEN25_7B["num_hidden_layers"]
+        * QWEN25_7B["num_key_value_heads"]
+        * (QWEN25_7B["hidden_size"] // QWEN25_7B["num_attention_heads"])
+        * 2
+    )
     step_bytes = weight_bytes + batch * ctx * kv_per_token
     return batch * bw / step_bytes
 
@@ -186,8 +243,13 @@ def sft_rows(count: int, seed: int = 1) -> pa.Table:
     rows = []
     for i, q in enumerate(questions(count, seed)):
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(80, 300)))
-        rows.append({"id": f"s{i}", "kind": "glyph", "messages": [
-            {"role": "user", "content": q}, {"role": "assistant", "content": answer}]})
+        rows.append(
+            {
+                "id": f"s{i}",
+                "kind": "glyph",
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
+            }
+        )
     return pa.Table.from_pylist(rows)
 
 
@@ -195,8 +257,15 @@ def bench_sft(model_dir: str, label: str, steps: int, **overrides: Any) -> dict[
     from glyph_core.config import TrainConfig
     from glyph_core.train import train_sft
 
-    cfg = TrainConfig(base_model=model_dir, max_steps=steps, logging_steps=1, save_steps=10_000,
-                      bf16="on", max_seq_len=1024, **overrides)
+    cfg = TrainConfig(
+        base_model=model_dir,
+        max_steps=steps,
+        logging_steps=1,
+        save_steps=10_000,
+        bf16="on",
+        max_seq_len=1024,
+        **overrides,
+    )
     rows = sft_rows(cfg.batch_size * cfg.grad_accum * steps + 8)
     work = Path(tempfile.mkdtemp(prefix=f"sft-{label}-"))
     torch.cuda.reset_peak_memory_stats()
@@ -209,9 +278,15 @@ def bench_sft(model_dir: str, label: str, steps: int, **overrides: Any) -> dict[
     secs = sum(r["interval_s"] for r in timed)
     gc.collect()
     torch.cuda.empty_cache()
-    return {"label": label, "steps_timed": len(timed), "tokens": tokens, "seconds": secs,
-            "tokens_per_s": tokens / secs, "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
-            "config": {k: v for k, v in overrides.items()}}
+    return {
+        "label": label,
+        "steps_timed": len(timed),
+        "tokens": tokens,
+        "seconds": secs,
+        "tokens_per_s": tokens / secs,
+        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
+        "config": {k: v for k, v in overrides.items()},
+    }
 
 
 def main() -> None:
@@ -233,19 +308,25 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "args": vars(args)}
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
     limits = measure_limits()
     result["limits"] = limits
-    console.print(f"[bold]{result['device']}[/]: copy {limits['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, "
-                  f"bf16 matmul {limits['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+    console.print(
+        f"[bold]{result['device']}[/]: copy {limits['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {limits['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s"
+    )
 
     model = build_model()
     params = n_params(model)
     result["params"] = params
     qs = questions(args.prompts)
-    avg_prompt = sum(len(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True))
-                     for q in qs) / len(qs)
+    avg_prompt = sum(
+        len(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)) for q in qs
+    ) / len(qs)
 
     table = Table(title=f"Generation, Qwen2.5-7B architecture ({params / 1e9:.2f}B params, bf16)")
     for col in ("way", "batch", "tokens/s", "× original", "% of bandwidth bound", "peak GiB"):
@@ -254,17 +335,28 @@ def main() -> None:
         orig = bench_original(model, tok, qs, args.max_new_tokens)
         gen_rows = [{"way": "original (unsorted, padded)", "batch": 8, **orig}]
         for b in args.batch_sizes:
-            gen_rows.append({"way": "ours (TransformersTeacher)", "batch": b,
-                             **bench_ours(model, tok, qs, b, args.max_new_tokens)})
+            gen_rows.append(
+                {
+                    "way": "ours (TransformersTeacher)",
+                    "batch": b,
+                    **bench_ours(model, tok, qs, b, args.max_new_tokens),
+                }
+            )
         for r in gen_rows:
-            bound = decode_bound(params, r["batch"], int(avg_prompt + args.max_new_tokens / 2),
-                                 limits["copy_bandwidth_Bps"])  # bytes read + written per second
+            bound = decode_bound(
+                params, r["batch"], int(avg_prompt + args.max_new_tokens / 2), limits["copy_bandwidth_Bps"]
+            )  # bytes read + written per second
             r["ratio_to_original"] = r["tokens_per_s"] / orig["tokens_per_s"]
             r["bandwidth_bound_tokens_per_s"] = bound
             r["fraction_of_bound"] = r["tokens_per_s"] / bound
-            table.add_row(r["way"], str(r["batch"]), f"{r['tokens_per_s']:.0f}",
-                          f"{r['ratio_to_original']:.2f}", f"{100 * r['fraction_of_bound']:.0f}%",
-                          f"{r['peak_mem_GiB']:.1f}")
+            table.add_row(
+                r["way"],
+                str(r["batch"]),
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['ratio_to_original']:.2f}",
+                f"{100 * r['fraction_of_bound']:.0f}%",
+                f"{r['peak_mem_GiB']:.1f}",
+            )
         result["generation"] = gen_rows
         console.print(table)
 
@@ -278,8 +370,10 @@ def main() -> None:
         configs = [
             ("original (batch 1, accum 16, no packing)", dict(batch_size=1, grad_accum=16)),
             ("ours (batch 8, accum 2)", dict(batch_size=8, grad_accum=2)),
-            ("ours (batch 8, accum 2, packing, grad. ckpt)",
-             dict(batch_size=8, grad_accum=2, packing=True, gradient_checkpointing=True)),
+            (
+                "ours (batch 8, accum 2, packing, grad. ckpt)",
+                dict(batch_size=8, grad_accum=2, packing=True, gradient_checkpointing=True),
+            ),
         ]
         runs = []
         for label, overrides in configs:
@@ -297,9 +391,14 @@ def main() -> None:
             r["ratio_to_original"] = r["tokens_per_s"] / runs[0]["tokens_per_s"]
             r["mfu_lora_4PT"] = 4 * params * r["tokens_per_s"] / peak
             r["mfu_6PT"] = 6 * params * r["tokens_per_s"] / peak
-            st.add_row(r["label"], f"{r['tokens_per_s']:.0f}", f"{r['ratio_to_original']:.2f}",
-                       f"{100 * r['mfu_lora_4PT']:.1f}%", f"{100 * r['mfu_6PT']:.1f}%",
-                       f"{r['peak_mem_GiB']:.1f}")
+            st.add_row(
+                r["label"],
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['ratio_to_original']:.2f}",
+                f"{100 * r['mfu_lora_4PT']:.1f}%",
+                f"{100 * r['mfu_6PT']:.1f}%",
+                f"{r['peak_mem_GiB']:.1f}",
+            )
         result["sft"] = runs
         console.print(st)
         shutil.rmtree(model_dir, ignore_errors=True)

@@ -89,24 +89,26 @@ def generate_cmd(
     logging.basicConfig(level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)])
     try:
         cfg = GenerateConfig(
-            teacher=TeacherConfig(
-                backend=backend,
-                model=model,
-                prompt=prompt,
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                seed=seed,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-                batch_size=batch_size,
-                base_url=base_url,
-                api_key_env=api_key_env,
-                concurrency=concurrency,
-                timeout_s=timeout,
-                max_retries=max_retries,
-                device=device,
+            teacher=TeacherConfig.model_validate(
+                dict(
+                    backend=backend,
+                    model=model,
+                    prompt=prompt,
+                    n=n,
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    seed=seed,
+                    dtype=dtype,
+                    trust_remote_code=trust_remote_code,
+                    batch_size=batch_size,
+                    base_url=base_url,
+                    api_key_env=api_key_env,
+                    concurrency=concurrency,
+                    timeout_s=timeout,
+                    max_retries=max_retries,
+                    device=device,
+                )
             ),  # fmt: skip
             limit=limit,
             shard_size=shard_size,

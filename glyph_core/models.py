@@ -166,7 +166,7 @@ def _verify_generates(path: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    ids = tok.apply_chat_template(
+    ids: Any = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 3?"}],
         add_generation_prompt=True,
         return_tensors="pt",
@@ -177,7 +177,7 @@ def _verify_generates(path: Path) -> None:
     new = out[0, ids["input_ids"].shape[1] :]
     if new.numel() == 0:
         raise GlyphError(f"{path}: converted model generated nothing")
-    text = tok.decode(new, skip_special_tokens=True)
+    text = str(tok.decode(new, skip_special_tokens=True))
     if not text.strip():
         raise GlyphError(f"{path}: converted model generated only special tokens")
 

@@ -53,7 +53,7 @@ class PipelineConfig(StrictModel):
     gpu_pool: str | None = Field(
         default=None,
         json_schema_extra=NOT_IN_KEY,
-        description="GPU deployment for generate/train/evaluate: None lets \$GLYPH_GPU_DEPLOYMENT decide, \"inline\" forces inline",
+        description='GPU deployment for generate/train/evaluate: None lets $GLYPH_GPU_DEPLOYMENT decide, "inline" forces inline',
     )
     retries: int = Field(
         default=2, ge=0, json_schema_extra=NOT_IN_KEY, description="task retries on transient errors"

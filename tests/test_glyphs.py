@@ -24,7 +24,14 @@ def test_code_points_are_the_protocol():
 def test_valid_trace_parses_into_sections():
     trace = parse_trace("Let me think.\n" + VALID)
     assert trace.preamble == "Let me think."
-    assert [s.glyph for s in trace.sections] == [Glyph.GUIDELINE, Glyph.PLAN, Glyph.STEP, Glyph.STEP, Glyph.TAKEAWAY, Glyph.FINAL]
+    assert [s.glyph for s in trace.sections] == [
+        Glyph.GUIDELINE,
+        Glyph.PLAN,
+        Glyph.STEP,
+        Glyph.STEP,
+        Glyph.TAKEAWAY,
+        Glyph.FINAL,
+    ]
     assert trace.texts(Glyph.STEP) == ["2+3=5", "5*4=20"]
     assert trace.final_answer == "20"
     assert validate_trace(VALID) == []
@@ -60,7 +67,12 @@ def test_each_violation_is_named(text, expected):
 def test_several_violations_at_once():
     text = f"{P} plan\n{G}\n{G} again\n{T} t"
     found = set(validate_trace(text))
-    assert found == {Violation.MISSING_GLYPH, Violation.DUPLICATE_GLYPH, Violation.WRONG_ORDER, Violation.EMPTY_SECTION}
+    assert found == {
+        Violation.MISSING_GLYPH,
+        Violation.DUPLICATE_GLYPH,
+        Violation.WRONG_ORDER,
+        Violation.EMPTY_SECTION,
+    }
 
 
 def test_format_trace_is_valid_and_round_trips():

@@ -68,7 +68,7 @@ def load_model_and_tokenizer(cfg: TeacherConfig, device: str) -> tuple[Any, Any]
             raise GlyphError(f"{adapter_cfg}: no base_model_name_or_path")
         base_path = resolve_model(base_name)
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, **common)
-        model = PeftModel.from_pretrained(base, path)
+        model: Any = PeftModel.from_pretrained(base, path)
         has_tok = (Path(path) / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(path if has_tok else base_path, **common)
     else:
