@@ -166,8 +166,17 @@ def run_stage_here(stage: str, store: str, **inputs: Any) -> StageOutput:
 # Children must not retry by themselves: a GPU stage resumes from its own shards/checkpoints, and
 # whether to spend more GPU time is the parent's (or a person's) decision.
 @flow(name=flow_name("generate"), retries=0)
-def generate_flow(store: str, problems: DatasetRef, cfg: GenerateConfig) -> StageOutput:
-    """Teacher traces for the training problems, on the GPU pool."""
+def generate_flow(
+    store: str, problems: DatasetRef, cfg: GenerateConfig, shard_group: list[int] | None = None
+) -> StageOutput | dict[str, Any]:
+    """Teacher traces for the training problems, on the GPU pool.
+
+    With `shard_group=[worker, workers]` (the fan-out in flows/fanout.py) it only generates
+    that group's missing shards and returns their counts; the final pass concatenates."""
+    if shard_group is not None:
+        from flows.fanout import run_group_here
+
+        return run_group_here(store, problems, cfg, shard_group)
     return run_stage_here("generate", store, problems=problems, cfg=cfg)
 
 
@@ -312,6 +321,11 @@ def dispatch_or_inline(
     """
     if stage not in GPU_STAGES:
         raise ValueError(f"{stage!r} is not a GPU stage ({', '.join(sorted(GPU_STAGES))})")
+    cfg = inputs.get("cfg")
+    if stage == "generate" and isinstance(cfg, GenerateConfig) and cfg.workers > 1:
+        from flows.fanout import fan_out_generate  # K shard groups, then this call with workers=1
+
+        return fan_out_generate(store, deployment=deployment, progress=progress, **inputs)
     target = configured_deployment(deployment)
     if target is None:
         runner = RUNNERS[stage]

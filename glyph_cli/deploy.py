@@ -1,4 +1,4 @@
-"""`glyph deploy` (and `glyph server`): set up the Prefect side on a fresh machine (DESIGN §5, §6).
+"""`glyph deploy`: set up the Prefect side on a fresh machine (DESIGN §5, §6).
 
 `glyph deploy`, against the configured PREFECT_API_URL:
 1. creates (or updates) the process work pools `cpu` and `gpu`, the latter with a concurrency
@@ -169,7 +169,7 @@ def register(app: typer.Typer) -> None:
         api_url = _api_url()
         if not api_url:
             typer.echo(
-                "PREFECT_API_URL is not set. Start a server (`prefect server start`, or `glyph server`)\n"
+                "PREFECT_API_URL is not set. Start a server (`prefect server start`, or `glyph server start`)\n"
                 "and point at it: `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`.",
                 err=True,
             )
@@ -194,15 +194,3 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"(they run the checkout at {repo}; it must exist at that path on each worker's host)")
         typer.echo(f"\nUI: {ui_url(api_url)}  (Deployments > glyph-pipeline/default > Run)")
         typer.echo("Run from the command line: prefect deployment run glyph-pipeline/default -p profile=tiny")
-
-    @app.command("server")
-    def server(
-        host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port of the API and the UI.")] = 4200,
-    ) -> None:
-        """Start a local Prefect server (SQLite under PREFECT_HOME) in the foreground."""
-        typer.echo(
-            f"After it starts: prefect config set PREFECT_API_URL=http://{host}:{port}/api; glyph deploy"
-        )
-        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-        raise typer.Exit(subprocess.call(cmd))

@@ -15,9 +15,9 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so `glyph --help` stays fast and each module owns its commands.
-    from glyph_cli import deploy, generate, pipeline, stages, train
+    from glyph_cli import deploy, generate, pipeline, report, server, stages, train
 
-    for module in (stages, generate, train, pipeline, deploy):
+    for module in (stages, generate, train, pipeline, report, server, deploy):
         module.register(app)
 
 

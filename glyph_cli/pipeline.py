@@ -1,12 +1,17 @@
 """`glyph run`: the whole pipeline with a profile, on a local directory or an object store.
 
-Prefect needs no server started by hand: without `PREFECT_API_URL` it starts a temporary
-local server for the run (SQLite under `PREFECT_HOME`, `~/.prefect` by default, so `prefect
-server start` later shows the run history). We keep Prefect's home where Prefect users expect
-it rather than under the store: the store may be an S3 bucket, and one run history across
-stores is what a person browsing the UI wants. On a slow 2-core machine that temporary server
-can take more than Prefect's default 20 s to start, so the start-up timeout is raised unless
-the user set it.
+Prefect needs no server started by hand. Without `PREFECT_API_URL`, `glyph run` starts a local
+Prefect server in the background on first use (glyph_cli/server.py: `prefect server start` on
+127.0.0.1:4200, SQLite, log and pid file under `PREFECT_HOME`) and reuses it on later runs, so
+a cached rerun does not pay Prefect's ~11 s temporary-server start-up, and the person can open
+the UI and see the same run. `--no-server` (or `GLYPH_SERVER=0`) keeps Prefect's temporary
+in-process server instead (what the tests want: nothing left running). We keep Prefect's home
+where Prefect users expect it rather than under the store: the store may be an S3 bucket, and
+one run history across stores is what a person browsing the UI wants.
+
+The run ends with the stage table, the evaluation table (base vs tuned per bucket), the
+selectivity numbers, the plot's path and the flow run's UI address, and saves all of that to
+`{store}/_runs/last.json` for `glyph report`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ def _prefect_defaults(quiet: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The stages log through `glyph_core.*` loggers (train: "step 5/40 loss ..."; evaluate: each
+    # model's generation); Prefect shows them in the terminal and in the UI's run logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "glyph_core")
     if quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -63,6 +71,37 @@ def print_summary(summary: dict[str, Any]) -> None:
     )
 
 
+def _api_url(use_server: bool) -> tuple[str | None, str | None]:
+    """(API URL to use, UI base URL): the configured one, the on-demand local server's, or
+    (None, None) for Prefect's temporary in-process server."""
+    from prefect.settings import PREFECT_API_URL
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        return str(configured), str(configured).rstrip("/").removesuffix("/api")
+    if not use_server:
+        return None, None
+    from glyph_cli.server import ensure_server
+
+    info = ensure_server()
+    return info.api_url, info.ui_url
+
+
+def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"id": str(flow_run_id) if flow_run_id else None, "name": None}
+    if flow_run_id and ui:
+        info["server"] = ui
+        info["ui_url"] = f"{ui}/runs/flow-run/{flow_run_id}"
+        try:
+            from prefect import get_client
+
+            with get_client(sync_client=True) as client:
+                info["name"] = client.read_flow_run(flow_run_id).name
+        except Exception:  # the name is a courtesy; the id and URL are enough
+            pass
+    return info
+
+
 def run_cmd(
     profile: str = typer.Option("tiny", "--profile", "-p", help="tiny | demo | full"),
     store: str | None = typer.Option(
@@ -74,6 +113,13 @@ def run_cmd(
     ),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON instead of a table"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Prefect logs at WARNING only"),
+    server: bool = typer.Option(
+        True,
+        "--server/--no-server",
+        envvar="GLYPH_SERVER",
+        help="without PREFECT_API_URL: start/reuse a local Prefect server (UI on :4200), "
+        "or use Prefect's temporary in-process one",
+    ),
 ) -> None:
     """Run unify → generate → filter → rewrite → train → evaluate; cached stages return at once."""
     _prefect_defaults(quiet)
@@ -87,18 +133,41 @@ def run_cmd(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
-    from flows.pipeline import pipeline
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from glyph_cli.server import ServerError
 
     try:
-        summary = pipeline(profile=profile, store=store, refresh=list(refresh), overrides=overrides)
-    except GlyphError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        api_url, ui = _api_url(server)
+    except ServerError as exc:
+        typer.echo(f"error: {exc}\n(or run with --no-server to use Prefect's temporary server)", err=True)
         raise typer.Exit(1) from None
+
+    from flows.pipeline import pipeline
+
+    updates = {PREFECT_API_URL: api_url} if api_url else {}
+    with temporary_settings(updates=updates):  # type: ignore[arg-type]
+        try:
+            state = pipeline(
+                profile=profile, store=store, refresh=list(refresh), overrides=overrides, return_state=True
+            )
+            summary: dict[str, Any] = state.result()  # type: ignore[union-attr]
+        except GlyphError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        summary["flow_run"] = _flow_run_info(state.state_details.flow_run_id, ui)  # type: ignore[union-attr]
+
+    from glyph_cli.report import evaluation_block, print_evaluation, save_last
+
+    summary["evaluation"] = evaluation_block(summary["store"], summary["stages"])
+    summary["last_run"] = save_last(summary)
     if json_out:
-        json.dump(summary, sys.stdout, indent=2)
+        json.dump(summary, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         print_summary(summary)
+        print_evaluation(summary)
+        typer.echo(f"saved: {summary['last_run']}  (`glyph report` prints this again and writes report.md)")
 
 
 def register(app: typer.Typer) -> None:

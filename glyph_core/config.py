@@ -93,6 +93,11 @@ class GenerateConfig(StrictModel):
     split: Literal["train"] = "train"
     limit: int | None = None
     shard_size: int = 64
+    # Fan-out over GPU workers (flows/fanout.py): shards are keyed on content, so how many
+    # workers generated them changes speed, never the output.
+    workers: int = Field(
+        default=1, json_schema_extra=NOT_IN_KEY, description="shard groups generated in parallel"
+    )
 
 
 class FilterConfig(StrictModel):
@@ -121,8 +126,13 @@ class TrainConfig(StrictModel):
     epochs: float = 2.0
     max_steps: int = -1
     learning_rate: float = 2e-4
-    batch_size: int = 4
+    batch_size: int = Field(
+        default=4, description="per device: the global batch is batch_size x grad_accum x num_gpus"
+    )
     grad_accum: int = 4
+    # Data-parallel processes (glyph_core/launch.py). It changes the global batch, hence the
+    # trained weights, so it stays in the cache key.
+    num_gpus: int = Field(default=1, ge=1, description="> 1 trains through `accelerate launch`")
     max_seq_len: int = 1024
     packing: bool = False
     padding_free: bool = False
@@ -140,6 +150,11 @@ class TrainConfig(StrictModel):
     )
     logging_steps: int = Field(default=1, json_schema_extra=NOT_IN_KEY)
     save_steps: int = Field(default=50, json_schema_extra=NOT_IN_KEY, description="checkpoint every N steps")
+    launcher: Literal["auto", "inline", "accelerate"] = Field(
+        default="auto",
+        json_schema_extra=NOT_IN_KEY,
+        description="auto = in this process for num_gpus 1, `accelerate launch` above",
+    )
 
 
 class EvalConfig(StrictModel):

@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ from glyph_core.glyphs import ORDER, has_any_glyph, parse_trace, validate_trace
 from glyph_core.prompts import TEMPLATE_HASH, latent_messages
 from glyph_core.storage import DatasetRef, ModelRef, Store, stage_key
 from glyph_core.train import check_model_dir, resolve_base_model
+
+log = logging.getLogger(__name__)
 
 VERSION = "1"
 Z95 = 1.959963984540054
@@ -452,8 +456,24 @@ def generate_completions(problems: pa.Table, model: str, label: str, cfg: EvalCo
     rows = problems.to_pylist()
     requests = [GenRequest(id=r["id"], messages=latent_messages(r["question"]), problem=r) for r in rows]
     teacher = make_teacher(teacher_config(model, cfg))
+    # Batch by batch so a long CPU evaluation shows progress in the run log (one line a batch).
+    size = max(1, cfg.batch_size)
+    outputs: list[Any] = []
+    t0 = time.perf_counter()
+    log.info("evaluate %s: %d problems, up to %d new tokens each", label, len(requests), cfg.max_new_tokens)
     try:
-        outputs = teacher.generate(requests, n=1)
+        for start in range(0, len(requests), size):
+            outputs.extend(teacher.generate(requests[start : start + size], n=1))
+            tokens = sum(o.completion_tokens or 0 for outs in outputs for o in outs[:1])
+            elapsed = time.perf_counter() - t0
+            log.info(
+                "evaluate %s: %d/%d done, %.0fs, %.1f tok/s",
+                label,
+                len(outputs),
+                len(requests),
+                elapsed,
+                tokens / elapsed if elapsed else 0.0,
+            )
     finally:
         teacher.close()
     return score_rows(rows, [outs[0] for outs in outputs], label)

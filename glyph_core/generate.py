@@ -228,6 +228,74 @@ def _publish_shard(store: Store, uri: str, table: pa.Table) -> None:
     store.publish_bytes(uri, buf.getvalue())
 
 
+# -- fan-out over several workers ---------------------------------------------------------------
+
+
+def shard_group(n_shards: int, worker: int, workers: int) -> list[int]:
+    """The shard indices worker `worker` of `workers` owns: round robin, so every group gets
+    early and late shards alike (the hash order mixes sources, so shards cost about the same)."""
+    if workers < 1 or not 0 <= worker < workers:
+        raise GlyphError(f"worker {worker} of {workers} is not a valid shard group")
+    return list(range(worker, n_shards, workers))
+
+
+@dataclass
+class GroupResult:
+    worker: int
+    workers: int
+    shards: int  # shards in this group
+    generated: int
+    reused: int
+    completion_tokens: int = 0
+    generate_s: float = 0.0
+
+
+def generate_shard_group(
+    store: Store,
+    problems_ref: DatasetRef,
+    cfg: GenerateConfig,
+    worker: int,
+    workers: int,
+    teacher: Teacher | None = None,
+) -> GroupResult:
+    """Generate the missing shards of one group and publish each as soon as it is done.
+
+    K workers (one per GPU) each call this with their own `worker` index; they share the
+    content-addressed shard store, so a later `generate_traces` call finds every shard done and
+    only concatenates, and regenerates just the shards a dead worker left unfinished.
+    Nothing else is written: the stage's output is the final pass's.
+    """
+    if cfg.shard_size < 1:
+        raise GlyphError("shard_size must be at least 1")
+    problems = select_problems(store.read_table(problems_ref), cfg)
+    shards = [problems[i : i + cfg.shard_size] for i in range(0, len(problems), cfg.shard_size)]
+    mine = shard_group(len(shards), worker, workers)
+    n = cfg.teacher.n
+    out = GroupResult(worker=worker, workers=workers, shards=len(mine), generated=0, reused=0)
+    own_teacher = teacher is None
+    try:
+        for i in mine:
+            uri = shard_uri(store, shard_key(shards[i], cfg))
+            if _read_shard(store, uri, len(shards[i]) * n) is not None:
+                out.reused += 1
+                continue
+            if teacher is None:
+                from glyph_core.teachers import make_teacher
+
+                teacher = make_teacher(cfg.teacher)
+            t0 = time.perf_counter()
+            table = generate_shard(teacher, shards[i], cfg)
+            out.generate_s += time.perf_counter() - t0
+            out.completion_tokens += int(pc.sum(table["completion_tokens"]).as_py() or 0)
+            _publish_shard(store, uri, table)
+            out.generated += 1
+    finally:
+        if own_teacher and teacher is not None:
+            teacher.close()
+    log.info("shard group %d/%d: %d generated, %d reused", worker, workers, out.generated, out.reused)
+    return out
+
+
 # -- the stage ---------------------------------------------------------------------------------
 
 

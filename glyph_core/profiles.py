@@ -27,6 +27,7 @@ from glyph_core.config import (
     EvalConfig,
     FilterConfig,
     GenerateConfig,
+    LoraConfig,
     RewriteConfig,
     StrictModel,
     TeacherConfig,
@@ -75,6 +76,13 @@ def default_data_dir() -> str:
     return str((repo_root().parent / "shared" / "data").resolve())
 
 
+def local_data_dir_or_hub() -> str | None:
+    """The local data folder when it exists, else None (the Hub), for the demo: a newcomer
+    without `../shared/data` still gets a run (scripts/demo.sh says which one it uses)."""
+    path = default_data_dir()
+    return path if Path(path).is_dir() else None
+
+
 def _tiny() -> PipelineConfig:
     return PipelineConfig(
         profile="tiny",
@@ -105,27 +113,42 @@ def _tiny() -> PipelineConfig:
 
 
 def _demo() -> PipelineConfig:
+    """Sized for ~5 minutes of pipeline on 2 CPU cores (docs/demo.md has the measurements).
+
+    Why these numbers: CPU LoRA on SmolLM2-135M runs at ~150 tokens/s with 2 threads at batch 1,
+    so training gets a budget of ~15k tokens: 12 problems per source → ~17 SFT rows, truncated
+    at 384 tokens, 3 epochs. Emergence needs a strong signal (a GPU run with 2e-4 and 120 rows
+    showed none; 1e-3 and 1,068 rows × 6 epochs did), so a high learning rate and glyph rows for
+    medium and hard problems. Evaluation is the other big cost (two models generate): 2 problems
+    per (source, bucket), 160 new tokens, which is enough to see whether a completion *starts*
+    with the glyph structure but often too short for a complete, valid trace.
+    """
     return PipelineConfig(
         profile="demo",
-        unify=UnifyConfig(data_dir=default_data_dir(), max_train_per_source=40, max_test_per_source=10),
+        unify=UnifyConfig(data_dir=local_data_dir_or_hub(), max_train_per_source=12, max_test_per_source=8),
         generate=GenerateConfig(
             teacher=TeacherConfig(backend="reference", model="reference", n=1, max_new_tokens=384),
             shard_size=16,
         ),
         filter=FilterConfig(),
-        rewrite=RewriteConfig(),
+        rewrite=RewriteConfig(glyph_min_bucket="medium", natural_ratio=0.5),
         train=TrainConfig(
             base_model="smollm2-135m",
             method="lora",
-            max_steps=8,
-            batch_size=4,
+            lora=LoraConfig(r=16, alpha=32, dropout=0.0),
+            epochs=3.0,
+            max_steps=-1,
+            learning_rate=2e-3,
+            batch_size=1,
             grad_accum=1,
             max_seq_len=384,
             bf16="off",
             device="cpu",
-            save_steps=4,
+            num_threads=2,
+            logging_steps=5,
+            save_steps=25,
         ),
-        evaluate=EvalConfig(per_bucket=2, max_new_tokens=192, batch_size=8, compare_base=True),
+        evaluate=EvalConfig(per_bucket=2, max_new_tokens=160, batch_size=9, compare_base=True),
     )
 
 

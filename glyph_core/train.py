@@ -157,7 +157,7 @@ def _metrics_callback() -> Any:
             if state.log_history:
                 state.log_history[-1]["interval_s"] = now - self.last
             self.last = now
-            if logs and "loss" in logs:
+            if logs and "loss" in logs and state.is_world_process_zero:
                 log.info(
                     "step %d/%d loss %.4f tokens %s",
                     state.global_step,
@@ -405,6 +405,8 @@ def train_sft(
     resume = _last_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=resume)
     metrics = metrics_table(trainer.state.log_history)
+    if not trainer.is_world_process_zero():  # several processes (glyph_core/launch.py): rank 0 saves
+        return TrainResult(model_dir=model_dir, manifest={}, metrics=metrics, kind=cfg.method)
 
     # Publish the artifact: write into a sibling temp dir and rename, so a crash while saving
     # never leaves a half-written model directory that looks complete.
@@ -463,7 +465,9 @@ def run_train(
     key = train_key(sft_ref, cfg)
     work = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "glyph-train" / key
     work.mkdir(parents=True, exist_ok=True)
-    result = train_sft(sft_ref, cfg, work, store=store, keep_model=False)
+    from glyph_core.launch import train as launch_or_train  # accelerate launch when num_gpus > 1
+
+    result = launch_or_train(sft_ref, cfg, work, store=store, keep_model=False)
     store.write_table(result.metrics, "train", key, "metrics.parquet")
     ref = store.put_dir(result.model_dir, "train", key, cfg.base_model, result.kind)
     shutil.rmtree(work, ignore_errors=True)

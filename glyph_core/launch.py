@@ -1,0 +1,161 @@
+"""Training on several GPUs: `train_sft` run by `accelerate launch` in a child process.
+
+Why a child process: data-parallel training needs one process per GPU, started with the world
+size, ranks and rendezvous that `accelerate launch` sets up (DDP by default; FSDP or DeepSpeed
+through an accelerate config file named in ``GLYPH_ACCELERATE_CONFIG``). The child runs
+:mod:`glyph_core.train_worker`, which calls the same :func:`glyph_core.train.train_sft` with the
+same config and output directory, so the checkpoints (``output_dir/checkpoints``) and the final
+artifact (``output_dir/model`` with its manifest) have the one-process layout, and a rerun
+resumes from the last checkpoint exactly as the inline path does. Only rank 0 writes the
+artifact; the parent reads it back once every rank has exited.
+
+``TrainConfig.launcher``: ``auto`` trains in this process for ``num_gpus == 1`` and launches
+for more; ``accelerate`` forces the launch (one process on CPU in the tests); ``inline`` forces
+the in-process path (one GPU only).
+
+NVLink multicast stays off in the child (NCCL_NVLS_ENABLE=0 and friends): the lent hosts'
+documentation asks for it, and DDP's all-reduce does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from glyph_core.config import TrainConfig
+from glyph_core.errors import GlyphError
+from glyph_core.storage import DatasetRef, Store
+
+log = logging.getLogger(__name__)
+
+ARGS_NAME = "launch.json"
+METRICS_NAME = "metrics.parquet"
+ROWS_NAME = "sft.parquet"
+ENV_CONFIG = "GLYPH_ACCELERATE_CONFIG"
+NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def uses_launcher(cfg: TrainConfig) -> bool:
+    if cfg.launcher == "accelerate":
+        return True
+    if cfg.launcher == "inline":
+        if cfg.num_gpus > 1:
+            raise GlyphError(f"launcher='inline' cannot train on num_gpus={cfg.num_gpus}; use 'auto'")
+        return False
+    return cfg.num_gpus > 1
+
+
+def _on_cpu(cfg: TrainConfig) -> bool:
+    if cfg.device:
+        return cfg.device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def accelerate_command(cfg: TrainConfig, args_path: Path) -> list[str]:
+    """`python -m accelerate.commands.launch ... -m glyph_core.train_worker ARGS` for this config."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+    config_file = os.environ.get(ENV_CONFIG)
+    if config_file:  # FSDP / DeepSpeed ZeRO: the file says how; the world size comes from cfg
+        cmd += ["--config_file", config_file]
+    cmd += ["--num_processes", str(cfg.num_gpus), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if cfg.num_gpus > 1:
+        # torchrun with the world size; on CPU (tests) the ranks talk over gloo. Not `--cpu`:
+        # with it accelerate starts a single process whatever --num_processes says.
+        if not config_file:
+            cmd.append("--multi_gpu")
+        cmd += ["--main_process_port", str(_free_port())]
+    elif _on_cpu(cfg):
+        cmd.append("--cpu")
+    return [*cmd, "-m", "glyph_core.train_worker", str(args_path)]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(NO_MULTICAST)
+    root = str(Path(__file__).resolve().parents[1])  # so `-m glyph_core.train_worker` resolves
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def launch_train(
+    sft_rows: pa.Table | DatasetRef,
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    *,
+    store: Store | None = None,
+    data_sha256: str | None = None,
+) -> Any:
+    """`train_sft` through `accelerate launch`; returns a `TrainResult` read back from disk
+    (``model`` is None: the weights live in the child)."""
+    from glyph_core.train import MANIFEST_NAME, TrainResult
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args: dict[str, Any] = {"cfg": cfg.model_dump(mode="json"), "output_dir": str(output_dir)}
+    if isinstance(sft_rows, DatasetRef):
+        if store is None:
+            raise GlyphError("a DatasetRef needs the Store it lives in")
+        args.update(store=store.root, sft_ref=sft_rows.model_dump(mode="json"))
+    else:
+        rows_path = output_dir / ROWS_NAME
+        pq.write_table(sft_rows, rows_path)
+        args["rows_path"] = str(rows_path)
+    if data_sha256:
+        args["data_sha256"] = data_sha256
+    args_path = output_dir / ARGS_NAME
+    args_path.write_text(json.dumps(args, indent=2, sort_keys=True))
+
+    cmd = accelerate_command(cfg, args_path)
+    log.info("launching %d training process(es): %s", cfg.num_gpus, " ".join(cmd))
+    proc = subprocess.run(cmd, env=child_env(), check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(  # not a GlyphError: a retry resumes from the checkpoints
+            f"accelerate launch exited {proc.returncode}; rerun to resume from {output_dir}/checkpoints"
+        )
+    model_dir = output_dir / "model"
+    manifest_path = model_dir / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise RuntimeError(f"accelerate launch exited 0 but left no {manifest_path}")
+    manifest = json.loads(manifest_path.read_text())
+    metrics = pq.read_table(output_dir / METRICS_NAME)
+    (output_dir / METRICS_NAME).unlink()
+    return TrainResult(model_dir=model_dir, manifest=manifest, metrics=metrics, kind=manifest["kind"])
+
+
+def train(
+    sft_rows: pa.Table | DatasetRef,
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    *,
+    store: Store | None = None,
+    data_sha256: str | None = None,
+    keep_model: bool = True,
+) -> Any:
+    """`train_sft` in this process, or through `accelerate launch` (see `uses_launcher`)."""
+    if uses_launcher(cfg):
+        return launch_train(sft_rows, cfg, output_dir, store=store, data_sha256=data_sha256)
+    from glyph_core.train import train_sft
+
+    return train_sft(sft_rows, cfg, output_dir, store=store, data_sha256=data_sha256, keep_model=keep_model)

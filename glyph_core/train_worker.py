@@ -1,0 +1,53 @@
+"""The entry point `accelerate launch` runs on every rank (see glyph_core/launch.py).
+
+    python -m accelerate.commands.launch --num_processes N -m glyph_core.train_worker ARGS.json
+
+ARGS.json holds the train config, the output directory and the rows (a store root and a
+DatasetRef, or a Parquet path). Every rank calls `train_sft`; rank 0 writes the artifact and
+``metrics.parquet`` beside it for the parent to read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from glyph_core.config import TrainConfig
+from glyph_core.launch import METRICS_NAME
+from glyph_core.storage import DatasetRef, Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m glyph_core.train_worker ARGS.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = json.loads(Path(argv[0]).read_text())
+    cfg = TrainConfig.model_validate(args["cfg"])
+    output_dir = Path(args["output_dir"])
+    rows: Any
+    store = None
+    if "sft_ref" in args:
+        store = Store(args["store"])
+        rows = DatasetRef.model_validate(args["sft_ref"])
+    else:
+        rows = pq.read_table(args["rows_path"])
+
+    from glyph_core.train import train_sft
+
+    result = train_sft(
+        rows, cfg, output_dir, store=store, data_sha256=args.get("data_sha256"), keep_model=False
+    )
+    if result.manifest:  # rank 0 only (the other ranks return an empty manifest)
+        pq.write_table(result.metrics, output_dir / METRICS_NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Multi-GPU scale-out, the part a CPU can check (docs/multi_gpu.md says what remains unrun).
+
+Generation: shard groups cover every shard once; a final pass after K workers only
+concatenates, and after a worker that never ran regenerates exactly that worker's shards; the
+inline fan-out with workers=2 gives the same traces as one worker.
+Training: `accelerate launch` with one CPU process writes the artifact the in-process path
+writes (same files, same manifest keys, same weights), and a rerun resumes from its checkpoint.
+The benchmark refuses clearly on fewer than 2 GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glyph_core import launch
+from glyph_core.config import GenerateConfig, LoraConfig, TeacherConfig, TrainConfig
+from glyph_core.errors import GlyphError
+from glyph_core.generate import generate_shard_group, generate_traces, shard_group
+from glyph_core.storage import Store
+from glyph_core.train import run_train, train_key
+from tests import fixtures_models as fm
+from tests.fixtures_models import publish_problems, real_problem_rows
+
+store = fm.store
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shards(root: str) -> set[str]:
+    return {p.parent.name for p in (Path(root) / "generate" / "shards").glob("*/data.parquet")}
+
+
+# -- generation fan-out ------------------------------------------------------------------------
+
+
+def test_shard_groups_partition_the_shards() -> None:
+    for n in (0, 1, 5, 12):
+        for k in (1, 2, 3, 7):
+            groups = [shard_group(n, w, k) for w in range(k)]
+            assert sorted(i for g in groups for i in g) == list(range(n))
+    assert shard_group(5, 1, 2) == [1, 3]
+    with pytest.raises(GlyphError):
+        shard_group(5, 2, 2)
+    assert GenerateConfig(workers=4).key_dump() == GenerateConfig().key_dump()  # speed only
+
+
+def test_final_pass_fills_in_only_a_dead_workers_shards(store: Store) -> None:
+    ref = publish_problems(store, real_problem_rows(per_source=4))  # 12 problems
+    cfg = GenerateConfig(teacher=TeacherConfig(backend="reference"), shard_size=2, workers=3)  # 6 shards
+    done = [generate_shard_group(store, ref, cfg, w, 3) for w in (0, 2)]  # worker 1 "died"
+    assert [(g.shards, g.generated, g.reused) for g in done] == [(2, 2, 0), (2, 2, 0)]
+    before = _shards(store.root)
+    assert len(before) == 4
+
+    final = generate_traces(store, ref, cfg)
+    assert (final.shards_total, final.shards_reused, final.shards_generated) == (6, 4, 2)
+    assert len(_shards(store.root) - before) == 2  # only worker 1's shards were generated
+
+    one = generate_traces(Store(Path(store.root).parent / "solo"), ref.model_copy(), cfg)
+    assert final.ref.sha256 == one.ref.sha256  # bytes do not depend on who generated what
+    # a worker rerun after the fact finds its group done
+    late = generate_shard_group(store, ref, cfg, 1, 3)
+    assert (late.generated, late.reused) == (0, 2)
+
+
+def test_inline_fan_out_with_two_workers(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.gpu_stages import dispatch_or_inline
+
+    monkeypatch.delenv("GLYPH_GPU_DEPLOYMENT", raising=False)
+    ref = publish_problems(store, real_problem_rows(per_source=3))  # 9 problems
+    cfg = GenerateConfig(teacher=TeacherConfig(backend="reference", n=2), shard_size=2, workers=2)
+    out = dispatch_or_inline("generate", store, problems=ref, cfg=cfg)
+    assert out.stats.extra["shards_total"] == 5
+    assert out.stats.extra["shards_reused"] == 5 and out.stats.extra["shards_generated"] == 0
+    assert out.stats.extra["shards_generated_by_workers"] == 5
+    assert out.stats.extra["groups_lost"] == 0
+    single = dispatch_or_inline("generate", store, problems=ref, cfg=cfg.model_copy(update={"workers": 1}))
+    assert single.ref == out.ref and single.key == out.key
+
+
+def test_group_cfg_pins_one_gpu_per_worker_for_transformers() -> None:
+    from flows.fanout import group_cfg
+
+    cfg = GenerateConfig(teacher=TeacherConfig(backend="transformers"), workers=2)
+    assert group_cfg(cfg, 1, 2, gpus=2).teacher.device == "cuda:1"
+    assert group_cfg(cfg, 1, 2, gpus=1).teacher.device is None  # fewer GPUs than workers
+    ref_cfg = GenerateConfig(teacher=TeacherConfig(backend="reference"), workers=2)
+    assert group_cfg(ref_cfg, 1, 2, gpus=2) == ref_cfg
+
+
+# -- training through accelerate ---------------------------------------------------------------
+
+
+def _train_cfg(model: str, **kw) -> TrainConfig:
+    base = dict(
+        base_model=model,
+        max_steps=6,
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=5e-3,
+        lr_scheduler="constant",
+        max_seq_len=128,
+        lora=LoraConfig(r=8, alpha=16, dropout=0.0),
+        num_threads=2,
+        save_steps=3,
+        device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_num_gpus_is_in_the_key_and_launcher_is_not(tmp_path: Path) -> None:
+    from tests.test_train import sft_rows
+
+    ref = Store(tmp_path).write_table(sft_rows(4), "rewrite", "k")
+    cfg = _train_cfg("tiny-random")
+    assert train_key(ref, cfg.model_copy(update={"num_gpus": 2})) != train_key(ref, cfg)
+    assert train_key(ref, cfg.model_copy(update={"launcher": "accelerate"})) == train_key(ref, cfg)
+    assert not launch.uses_launcher(cfg)
+    assert launch.uses_launcher(cfg.model_copy(update={"num_gpus": 2}))
+    with pytest.raises(GlyphError):
+        launch.uses_launcher(cfg.model_copy(update={"num_gpus": 2, "launcher": "inline"}))
+    cmd = launch.accelerate_command(cfg.model_copy(update={"num_gpus": 4, "device": "cuda"}), Path("a.json"))
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
+    one = launch.accelerate_command(cfg, Path("a.json"))
+    assert "--cpu" in one and "--multi_gpu" not in one
+    assert cmd[-3:] == ["-m", "glyph_core.train_worker", "a.json"]
+    assert launch.child_env()["NCCL_NVLS_ENABLE"] == "0"
+
+
+def test_accelerate_launch_matches_inline_and_resumes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from glyph_core.models import tiny_model_dir
+    from tests.test_train import sft_rows
+
+    tiny = str(tiny_model_dir("llama"))
+    st = Store(tmp_path / "store")
+    ref = st.write_table(sft_rows(12), "rewrite", "k")
+    cfg = _train_cfg(tiny, launcher="accelerate")
+    work = tmp_path / "work"
+
+    # a first launch that stops at step 3 (as a killed run would have), leaving checkpoint-3
+    first = launch.train(ref, cfg.model_copy(update={"max_steps": 3}), work, store=st)
+    assert first.model is None and (work / "checkpoints" / "checkpoint-3").is_dir()
+    # the stage reruns in the same work dir: the child resumes and publishes
+    model_ref = run_train(st, ref, cfg, work_dir=work)
+    manifest = st.read_json(f"{model_ref.uri}/manifest.json")
+    assert manifest["resumed_from"].endswith("checkpoint-3")
+    metrics = st.read_table(_metrics_ref(st, ref, cfg))
+    losses = metrics.column("loss").to_pylist()
+    assert metrics.column("step").to_pylist() == list(range(1, 7))  # history survives the resume
+    assert losses[-1] < losses[0] - 0.05, losses
+
+    inline_store = Store(tmp_path / "inline")
+    inline_ref = inline_store.write_table(sft_rows(12), "rewrite", "k")
+    inline_cfg = cfg.model_copy(update={"launcher": "inline"})
+    inline_model = run_train(inline_store, inline_ref, inline_cfg, work_dir=tmp_path / "work2")
+    inline_manifest = inline_store.read_json(f"{inline_model.uri}/manifest.json")
+    assert inline_model.uri.split("/train/")[1] == model_ref.uri.split("/train/")[1]  # same key
+    assert set(manifest["files"]) == set(inline_manifest["files"])
+    assert set(manifest) == set(inline_manifest)
+    a = load_file(st.get_dir(model_ref) / "adapter_model.safetensors")
+    b = load_file(inline_store.get_dir(inline_model) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_two_processes_over_gloo_write_one_artifact(tmp_path: Path) -> None:
+    """Real data parallelism on CPU: two ranks, twice the rows per step, rank 0 saves."""
+    from glyph_core.models import tiny_model_dir
+    from glyph_core.train import train_sft
+    from tests.test_train import sft_rows
+
+    tiny = str(tiny_model_dir("llama"))
+    cfg = _train_cfg(tiny, max_steps=2, save_steps=2, num_threads=1)
+    two = launch.train(sft_rows(12), cfg.model_copy(update={"num_gpus": 2}), tmp_path / "two")
+    one = train_sft(sft_rows(12), cfg, tmp_path / "one", keep_model=False)
+    assert two.manifest["config"]["num_gpus"] == 2 and two.manifest["metrics"]["steps"] == 2
+    assert two.manifest["metrics"]["tokens_seen"] > 1.5 * one.manifest["metrics"]["tokens_seen"]
+    assert {p.name for p in two.model_dir.iterdir()} == {p.name for p in one.model_dir.iterdir()}
+    assert (tmp_path / "two" / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def _metrics_ref(st: Store, ref, cfg):
+    from glyph_core.stages import _ref_of
+
+    return _ref_of(st, st.uri("train", train_key(ref, cfg), "metrics.parquet"))
+
+
+# -- benchmark ---------------------------------------------------------------------------------
+
+
+def test_benchmark_refuses_without_two_gpus(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--out", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "needs at least 2 GPUs" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+    help_ = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--help"], capture_output=True, text=True
+    )
+    assert help_.returncode == 0 and "--gpus" in help_.stdout
+
+
+def test_deployed_fan_out_dispatches_k_children_and_survives_a_lost_one(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent side of the deployed fan-out with the Prefect calls faked: K child runs with
+    `shard_group=[w, K]`, one of which ends Failed; the final pass fills in its shards."""
+    import contextlib
+    import types
+    import uuid
+
+    import prefect
+    import prefect.deployments
+
+    import flows.gpu_stages as gs
+
+    ref = publish_problems(store, real_problem_rows(per_source=4))  # 12 problems
+    cfg = GenerateConfig(teacher=TeacherConfig(backend="reference"), shard_size=2, workers=3)  # 6 shards
+    calls: list[dict] = []
+    lost: set[str] = set()
+
+    def fake_run_deployment(name, parameters, timeout, tags, job_variables=None, flow_run_name=None):
+        calls.append({"name": name, "parameters": parameters, "tags": tags, "job_variables": job_variables})
+        run_id = str(uuid.uuid4())
+        worker, workers = parameters["shard_group"]
+        if worker == 1:
+            lost.add(run_id)  # this GPU worker dies before publishing anything
+        else:
+            res = generate_shard_group(
+                Store(parameters["store"]),
+                type(ref).model_validate(parameters["problems"]),
+                GenerateConfig.model_validate(parameters["cfg"]),
+                worker,
+                workers,
+            )
+            store.publish_bytes(
+                gs.result_uri(store, run_id, f"generate-group-{worker}"),
+                json.dumps({"generated": res.generated}).encode(),
+            )
+        return types.SimpleNamespace(id=run_id)
+
+    def fake_wait(run_id, logger=None, **_):
+        if run_id in lost:
+            raise gs.StageRunFailed(f"{run_id} ended Failed")
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    monkeypatch.setattr(prefect, "get_client", lambda **_: contextlib.nullcontext(None))
+    monkeypatch.setattr(gs, "_existing_child", lambda client, tag: None)
+    monkeypatch.setattr(gs, "wait_for_child", fake_wait)
+    final_calls: list[GenerateConfig] = []
+    real_runner = gs.RUNNERS["generate"]
+
+    def spy_dispatch(stage, st, target, **inputs):  # the final pass, sent to the GPU pool too
+        final_calls.append(inputs["cfg"])
+        return real_runner(st, **inputs)
+
+    monkeypatch.setattr(gs, "dispatch", spy_dispatch)
+
+    monkeypatch.setenv("GLYPH_FANOUT_GPUS", "0,1")
+    out = gs.dispatch_or_inline("generate", store, deployment="gpu-a100", problems=ref, cfg=cfg)
+    assert [c["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] for c in calls] == ["0", "1", "0"]
+    assert [c["parameters"]["shard_group"] for c in calls] == [[0, 3], [1, 3], [2, 3]]
+    assert {c["name"] for c in calls} == {"glyph-generate/gpu-a100"}
+    assert len({c["tags"][-1] for c in calls}) == 3  # one reattach tag per group
+    assert [c.workers for c in final_calls] == [1]
+    assert out.stats.extra["groups_lost"] == 1
+    assert (out.stats.extra["shards_reused"], out.stats.extra["shards_generated"]) == (4, 2)
