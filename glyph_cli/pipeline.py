@@ -88,17 +88,20 @@ def _api_url(use_server: bool) -> tuple[str | None, str | None]:
 
 
 def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
+    """Id, name and (with a lasting server) the UI address of the flow run just finished."""
     info: dict[str, Any] = {"id": str(flow_run_id) if flow_run_id else None, "name": None}
-    if flow_run_id and ui:
+    if not flow_run_id:
+        return info
+    if ui:
         info["server"] = ui
         info["ui_url"] = f"{ui}/runs/flow-run/{flow_run_id}"
-        try:
-            from prefect import get_client
+    try:
+        from prefect import get_client
 
-            with get_client(sync_client=True) as client:
-                info["name"] = client.read_flow_run(flow_run_id).name
-        except Exception:  # the name is a courtesy; the id and URL are enough
-            pass
+        with get_client(sync_client=True) as client:
+            info["name"] = client.read_flow_run(flow_run_id).name
+    except Exception:  # the name is a courtesy; the id (and URL) are enough
+        pass
     return info
 
 
@@ -143,7 +146,13 @@ def run_cmd(
         typer.echo(f"error: {exc}\n(or run with --no-server to use Prefect's temporary server)", err=True)
         raise typer.Exit(1) from None
 
+    import logging
+
     from flows.pipeline import pipeline
+
+    # Prefect gives the extra loggers its handlers but not a level, and the root logger's
+    # WARNING would hide the progress lines.
+    logging.getLogger("glyph_core").setLevel(logging.WARNING if quiet else logging.INFO)
 
     updates = {PREFECT_API_URL: api_url} if api_url else {}
     with temporary_settings(updates=updates):  # type: ignore[arg-type]

@@ -7,8 +7,9 @@ stage later hashes into its cache key, and a typo fails before anything runs (`e
 - `tiny`: the tests' profile. A tiny random llama (alias `tiny-random`), a few problems per
   source from the local data, the reference teacher (no model needed to generate), two train
   steps, a few evaluation problems. Seconds per stage on a 2-core CPU.
-- `demo`: SmolLM2-135M-Instruct (alias `smollm2-135m`) on the real local data, sized for about
-  ten minutes on 2 CPU cores (the numbers are first guesses; tune after profiling).
+- `demo`: SmolLM2-135M-Instruct (alias `smollm2-135m`) on the real local data (the Hub when
+  `../shared/data` is absent), sized by measurement for ~4 minutes of pipeline on 2 CPU cores
+  (docs/demo.md): 19 SFT rows × 3 epochs of LoRA, 13 held-out problems, base vs tuned.
 - `full`: Hub data at pinned revisions, Qwen2.5-7B-Instruct as teacher and student, vLLM.
 """
 
@@ -120,7 +121,7 @@ def _demo() -> PipelineConfig:
     at 384 tokens, 3 epochs. Emergence needs a strong signal (a GPU run with 2e-4 and 120 rows
     showed none; 1e-3 and 1,068 rows × 6 epochs did), so a high learning rate and glyph rows for
     medium and hard problems. Evaluation is the other big cost (two models generate): 2 problems
-    per (source, bucket), 160 new tokens, which is enough to see whether a completion *starts*
+    per (source, bucket), 128 new tokens, which is enough to see whether a completion *starts*
     with the glyph structure but often too short for a complete, valid trace.
     """
     return PipelineConfig(
@@ -148,7 +149,7 @@ def _demo() -> PipelineConfig:
             logging_steps=5,
             save_steps=25,
         ),
-        evaluate=EvalConfig(per_bucket=2, max_new_tokens=160, batch_size=9, compare_base=True),
+        evaluate=EvalConfig(per_bucket=2, max_new_tokens=128, batch_size=8, compare_base=True),
     )
 
 
