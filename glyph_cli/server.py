@@ -32,6 +32,8 @@ from typing import Annotated
 
 import typer
 
+from tasks.caching import pid_alive
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 180.0
@@ -101,12 +103,8 @@ def free_port(host: str) -> int:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():  # a recycled pid must not be mistaken for our server
         try:

@@ -119,14 +119,14 @@ class LivenessFileLockManager(FileSystemLockManager):
             return False
         info = self._get_lock_info(key, use_cache=use_cache) or {}
         pid, host = info.get("pid"), info.get("host")
-        if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+        if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
             Path(info["path"]).unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False
         return True
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

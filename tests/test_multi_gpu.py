@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from glyph_core import launch
-from glyph_core.config import GenerateConfig, LoraConfig, TeacherConfig, TrainConfig
+from glyph_core.config import GenerateConfig, TeacherConfig, TrainConfig
 from glyph_core.errors import GlyphError
 from glyph_core.generate import generate_shard_group, generate_traces, shard_group
 from glyph_core.storage import Store
 from glyph_core.train import run_train, train_key
 from tests import fixtures_models as fm
 from tests.fixtures_models import publish_problems, real_problem_rows
+from tests.test_train import cfg_for
 
 store = fm.store
 REPO = Path(__file__).resolve().parents[1]
@@ -97,21 +98,7 @@ def test_group_cfg_pins_one_gpu_per_worker_for_transformers() -> None:
 
 
 def _train_cfg(model: str, **kw) -> TrainConfig:
-    base = dict(
-        base_model=model,
-        max_steps=6,
-        batch_size=4,
-        grad_accum=1,
-        learning_rate=5e-3,
-        lr_scheduler="constant",
-        max_seq_len=128,
-        lora=LoraConfig(r=8, alpha=16, dropout=0.0),
-        num_threads=2,
-        save_steps=3,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return cfg_for(model, **{"max_steps": 6, "save_steps": 3, "device": "cpu", **kw})
 
 
 def test_num_gpus_is_in_the_key_and_launcher_is_not(tmp_path: Path) -> None:

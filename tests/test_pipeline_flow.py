@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pipeline_helpers import ExecLog, api_env, cached, harness, make_tiny_data, real_data_dir, run  # noqa: F401
+from pipeline_helpers import ExecLog, api_env, cached, exec_log, harness, make_tiny_data, real_data_dir, run  # noqa: F401
 
 from glyph_core.errors import GlyphError
 from glyph_core.stages import STAGES
@@ -229,6 +229,7 @@ def test_crash_while_writing_leaves_nothing_trusted(warm: Warm) -> None:
 
 def test_failure_in_train_then_flow_retry_reruns_only_train(
     harness: None,  # noqa: F811
+    exec_log: ExecLog,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -238,8 +239,7 @@ def test_failure_in_train_then_flow_retry_reruns_only_train(
     from flows.pipeline import pipeline
 
     data = make_tiny_data(real_data_dir(), tmp_path / "data")
-    log = ExecLog(tmp_path / "executions.log")
-    monkeypatch.setenv(EXEC_LOG_ENV, str(log.path))
+    log = exec_log
     monkeypatch.setenv(FAIL_ENV, f"train:fatal:{tmp_path / 'marker'}")
     state = pipeline.with_options(retries=1, retry_delay_seconds=0)(
         profile="tiny", store=str(tmp_path / "store"), overrides=tiny_overrides(data), return_state=True
@@ -265,13 +265,12 @@ def test_failure_in_train_then_flow_retry_reruns_only_train(
 
 def test_concurrent_runs_with_the_same_inputs_compute_each_stage_once(
     harness: None,  # noqa: F811
+    exec_log: ExecLog,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = make_tiny_data(real_data_dir(), tmp_path / "data")
-    log = ExecLog(tmp_path / "executions.log")
-    monkeypatch.setenv(EXEC_LOG_ENV, str(log.path))
-    monkeypatch.delenv(FAIL_ENV, raising=False)
+    log = exec_log
     store = str(tmp_path / "store")
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []

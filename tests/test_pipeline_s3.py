@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import s3fs
-from pipeline_helpers import ExecLog, cached, harness, make_tiny_data, real_data_dir, run  # noqa: F401
+from pipeline_helpers import ExecLog, cached, exec_log, harness, make_tiny_data, real_data_dir, run  # noqa: F401
 from s3_server import SeaweedS3, seaweed
 
 from glyph_core.stages import STAGES
-from tasks.caching import EXEC_LOG_ENV, FAIL_ENV
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +28,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 
 def test_pipeline_on_seaweedfs_cold_then_cached(
     harness: None,  # noqa: F811
+    exec_log: ExecLog,  # noqa: F811
     s3: SeaweedS3,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = make_tiny_data(real_data_dir(), tmp_path / "data")
-    log = ExecLog(tmp_path / "executions.log")
-    monkeypatch.setenv(EXEC_LOG_ENV, str(log.path))
-    monkeypatch.delenv(FAIL_ENV, raising=False)
+    log = exec_log
     bucket = f"glyph-{uuid.uuid4().hex[:10]}"  # created by the pipeline (Store.ensure)
     store = f"s3://{bucket}/runs"
 
@@ -71,14 +69,13 @@ def test_pipeline_on_seaweedfs_cold_then_cached(
 
 def test_deleted_object_behind_a_cache_entry_is_recomputed_on_s3(
     harness: None,  # noqa: F811
+    exec_log: ExecLog,  # noqa: F811
     s3: SeaweedS3,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = make_tiny_data(real_data_dir(), tmp_path / "data")
-    log = ExecLog(tmp_path / "executions.log")
-    monkeypatch.setenv(EXEC_LOG_ENV, str(log.path))
-    monkeypatch.delenv(FAIL_ENV, raising=False)
+    log = exec_log
     store = f"s3://{s3.make_bucket()}/glyph"
     # Stop before the slow stages: only unify..rewrite matter here, so train/evaluate are cheap
     # repeats of the same tiny model across both runs.
