@@ -37,19 +37,16 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from packaging.markers import Marker
     from packaging.requirements import InvalidRequirement, Requirement
-    from packaging.tags import Tag, compatible_tags, cpython_tags, parse_tag
+    from packaging.tags import Tag, compatible_tags, cpython_tags
     from packaging.utils import canonicalize_name, parse_wheel_filename
     from packaging.version import InvalidVersion, Version
 except ImportError:  # a bare interpreter: pip always vendors packaging
-    from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
     from pip._vendor.packaging.requirements import InvalidRequirement, Requirement  # type: ignore[no-redef]
     from pip._vendor.packaging.tags import (  # type: ignore[no-redef]
         Tag,
         compatible_tags,
         cpython_tags,
-        parse_tag,
     )
     from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename  # type: ignore[no-redef]
     from pip._vendor.packaging.version import InvalidVersion, Version  # type: ignore[no-redef]
