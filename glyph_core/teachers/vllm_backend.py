@@ -246,25 +246,32 @@ class VLLMTeacher:
     # -- memory ---------------------------------------------------------------------------------
     def close(self) -> None:
         """Shut the engine down and give its GPU memory back (see the module docstring)."""
-        llm, self.llm = self.llm, None
-        if llm is None:
+        if self.llm is None:
             return
         self.tokenizer = None
         self._lora = {}
-        release_engine(llm)
+        shutdown_engine(self.llm)
+        self.llm = None  # the last reference: the engine's tensors become garbage here
+        free_gpu_memory()
 
 
-def release_engine(llm: Any) -> None:
-    """Shut down one `vllm.LLM` and free what it held, so that another engine fits."""
+def shutdown_engine(llm: Any) -> None:
+    """Stop one `vllm.LLM`'s engine core (in-process: its executor and workers; with
+    multiprocessing: the core's process). Drop every reference to `llm` afterwards, then call
+    :func:`free_gpu_memory`."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     shutdown = getattr(core, "shutdown", None)
     if callable(shutdown):
         try:
             shutdown()
-        except Exception:  # the memory below is freed regardless
+        except Exception:  # the memory is freed regardless
             log.warning("vLLM engine core shutdown raised", exc_info=True)
-    del core, shutdown
-    del llm
+
+
+def free_gpu_memory() -> None:
+    """After the last reference to an engine is gone: vLLM's own teardown (model-parallel groups,
+    the distributed environment, gc, the CUDA cache), then gc and the CUDA cache once more for
+    what the dropped references held."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     cleanup_dist_env_and_memory()
