@@ -109,6 +109,11 @@ class VLLMEngineConfig(StrictModel):
         default=False,
         description="VLLM_BATCH_INVARIANT: bit-identical output whatever shares the batch; slower",
     )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more vllm.LLM keyword arguments as they are (load_format, enable_prefix_caching, ...): "
+        "for speed and memory only, since they stay out of the cache keys",
+    )
 
     @field_validator("max_lora_rank")
     @classmethod

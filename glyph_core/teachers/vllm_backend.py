@@ -109,6 +109,24 @@ def lora_rank_setting(ranks: list[int], configured: int | None) -> int:
     )
 
 
+# Arguments this module sets from typed fields; `engine_args` may not set them behind their back.
+_MANAGED = {
+    "model",
+    "dtype",
+    "seed",
+    "trust_remote_code",
+    "revision",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "enforce_eager",
+    "max_model_len",
+    "max_num_seqs",
+    "enable_lora",
+    "max_loras",
+    "max_lora_rank",
+}
+
+
 def engine_kwargs(cfg: TeacherConfig, model_path: str) -> dict[str, Any]:
     """The `vllm.LLM(...)` arguments for a teacher config (no vLLM import needed)."""
     eng = cfg.vllm
@@ -127,6 +145,12 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str) -> dict[str, Any]:
         kwargs["max_model_len"] = eng.max_model_len
     if eng.max_num_seqs is not None:
         kwargs["max_num_seqs"] = eng.max_num_seqs
+    clash = sorted(set(eng.engine_args) & (set(kwargs) | _MANAGED))
+    if clash:
+        raise GlyphError(
+            f"vllm.engine_args {clash}: set through their own fields (vllm.*, dtype, seed, adapters)"
+        )
+    kwargs.update(eng.engine_args)
     if cfg.adapters:
         kwargs["enable_lora"] = True
         kwargs["max_loras"] = len(cfg.adapters)
