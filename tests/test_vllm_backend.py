@@ -361,3 +361,12 @@ def test_engine_failure_becomes_error_completions(fake_vllm: FakeVLLM, tiny_mode
     out = teacher.generate(_reqs()[:2], n=2)
     assert [[c.finish_reason for c in comps] for comps in out] == [["error", "error"]] * 2
     assert out[0][0].error.startswith("RuntimeError: CUDA error")
+
+
+def test_engine_args_pass_through_but_cannot_override_typed_fields() -> None:
+    cfg = TeacherConfig(backend="vllm", model="m", vllm={"engine_args": {"load_format": "dummy"}})
+    assert engine_kwargs(cfg, "/m")["load_format"] == "dummy"
+    for clash in ({"max_model_len": 4096}, {"enable_lora": False}, {"seed": 3}):
+        bad = TeacherConfig(backend="vllm", model="m", vllm={"engine_args": clash})
+        with pytest.raises(GlyphError, match="set through their own fields"):
+            engine_kwargs(bad, "/m")
