@@ -41,6 +41,7 @@ import importlib.util
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +49,10 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/gpu.py` from the repository root
+    sys.path.insert(0, str(REPO))
 
 QWEN25_7B = dict(
     architectures=["Qwen2ForCausalLM"],
@@ -408,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
     from transformers import AutoTokenizer
 
+    from glyph_core.prompts import latent_messages
+
     console = Console()
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,8 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     for prompts, new in args.workloads:
         qs = all_qs[:prompts]
         name = f"{prompts}x{new}"
+        rendered = [
+            tok.apply_chat_template(latent_messages(q), tokenize=False, add_generation_prompt=True)
+            for q in qs
+        ]  # counted as text -> ids: apply_chat_template(tokenize=True) returns a dict in transformers 5
         avg_prompt[name] = sum(
-            len(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)) for q in qs
+            len(ids) for ids in tok(rendered, add_special_tokens=False)["input_ids"]
         ) / len(qs)
         if "generate" in args.skip:
             continue

@@ -202,20 +202,39 @@ class VLLMTeacher:
                 )
 
     # -- requests -------------------------------------------------------------------------------
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+    def prompt_ids(self, requests: list[GenRequest]) -> list[list[int]]:
+        """The chat template's text of each request, tokenized without special tokens (in one
+        batched call: the fast tokenizer runs it in parallel)."""
+        if not requests:
+            return []
+        texts = [
+            self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
+            for r in requests
+        ]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    def _completion(self, token_ids: list[int], finish_reason: str | None, prompt_tokens: int) -> Completion:
-        if finish_reason not in ("stop", "length"):
-            return Completion(
-                "", "error", prompt_tokens, len(token_ids), error=f"vllm finish_reason={finish_reason}"
-            )
+    def _completions(self, outputs: list[Any]) -> list[list[Completion]]:
+        """Completions of vLLM's `RequestOutput`s: cut at the first stop token (counted), decoded
+        with `skip_special_tokens=True` in one batched call."""
         stop = set(self.stop_ids)
-        cut = next((j for j, t in enumerate(token_ids) if t in stop), None)
-        body = token_ids if cut is None else token_ids[:cut]
-        text = self.tokenizer.decode(body, skip_special_tokens=True)
-        return Completion(text, finish_reason, prompt_tokens, len(body) + (0 if cut is None else 1))
+        bodies: list[list[int]] = []
+        meta: list[tuple[int, str | None, int, int]] = []  # (request, finish_reason, prompt, tokens)
+        for i, out in enumerate(outputs):
+            prompt_tokens = len(out.prompt_token_ids or [])
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                cut = next((j for j, t in enumerate(ids) if t in stop), None)
+                bodies.append(ids if cut is None else ids[:cut])
+                meta.append((i, o.finish_reason, prompt_tokens, len(ids) if cut is None else cut + 1))
+        texts = self.tokenizer.batch_decode(bodies, skip_special_tokens=True) if bodies else []
+        results: list[list[Completion]] = [[] for _ in outputs]
+        for (i, reason, prompt_tokens, n_tokens), text in zip(meta, texts, strict=True):
+            if reason in ("stop", "length"):
+                results[i].append(Completion(text, reason, prompt_tokens, n_tokens))
+            else:
+                err = f"vllm finish_reason={reason}"
+                results[i].append(Completion("", "error", prompt_tokens, n_tokens, error=err))
+        return results
 
     def generate(
         self, requests: list[GenRequest], n: int = 1, adapter: str | None = None
@@ -234,8 +253,7 @@ class VLLMTeacher:
         prompts: list[dict[str, Any]] = []
         params: list[Any] = []
         index: list[int] = []
-        for i, r in enumerate(requests):
-            ids = self.prompt_ids(r.messages)
+        for i, (r, ids) in enumerate(zip(requests, self.prompt_ids(requests), strict=True)):
             if len(ids) + cfg.max_new_tokens > self.max_model_len:
                 err = (
                     f"PromptTooLong: {len(ids)} prompt tokens + max_new_tokens {cfg.max_new_tokens} "
@@ -258,12 +276,7 @@ class VLLMTeacher:
             if outputs is not None:
                 if len(outputs) != len(prompts):
                     raise GlyphError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
-                for i, out in zip(index, outputs, strict=True):  # vLLM keeps the prompt order
-                    prompt_tokens = len(out.prompt_token_ids or [])
-                    comps = [
-                        self._completion(list(o.token_ids), o.finish_reason, prompt_tokens)
-                        for o in out.outputs
-                    ]
+                for i, comps in zip(index, self._completions(outputs), strict=True):  # prompt order
                     results[i] = comps * n if cfg.temperature <= 0 else comps
         return [r if r is not None else [] for r in results]
 
