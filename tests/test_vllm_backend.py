@@ -125,6 +125,7 @@ def test_sampling_kwargs_per_request_seed_and_greedy_n() -> None:
     assert sampling_kwargs(sampled, "q2", 4, [2])["seed"] != kw["seed"]
     greedy = sampling_kwargs(TeacherConfig(temperature=0.0), "q1", 4, [2])
     assert greedy["n"] == 1 and greedy["temperature"] == 0.0  # copies, not 4 identical decodes
+    assert greedy["seed"] is None
     assert request_seed(0, "gsm8k-1") == request_seed(0, "gsm8k-1") != request_seed(1, "gsm8k-1")
 
 
@@ -202,11 +203,13 @@ class FakeVLLM:
 
     def answer(self, prompt_ids: list[int], params: dict[str, Any], lora: Any) -> Any:
         """Token ids from (prompt, seed, sample index, adapter): what a deterministic engine does.
-        Sample k of n uses seed + k, as vLLM does; every 3rd prompt stops early at eos."""
+        Sample k of n uses seed + k, as vLLM does, greedy decoding no seed; every 3rd prompt
+        stops early at eos."""
         eos = self.tokenizer.eos_token_id
         outs = []
         for k in range(params["n"]):
-            key = f"{prompt_ids}|{params['seed'] + k}|{getattr(lora, 'lora_name', None)}"
+            seed = None if params["temperature"] == 0 else params["seed"] + k  # greedy ignores seeds
+            key = f"{prompt_ids}|{seed}|{getattr(lora, 'lora_name', None)}"
             h = hashlib.sha256(key.encode()).digest()
             ids = [1000 + b for b in h[: params["max_tokens"]]]
             reason = "length"
@@ -257,7 +260,7 @@ def test_requests_are_token_ids_of_the_chat_template_without_special_tokens(
     for req, prompt in zip(_reqs(), call["prompts"], strict=True):
         text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         assert prompt["prompt_token_ids"] == tok(text, add_special_tokens=False)["input_ids"]
-    assert [p["seed"] for p in call["params"]] == [request_seed(0, r.id) for r in _reqs()]
+    assert [p["seed"] for p in call["params"]] == [None] * len(QUESTIONS)  # greedy: no generator
     assert call["lora_request"] is None
     assert [len(c) for c in out] == [2, 2, 2, 2] and all(c[0] == c[1] for c in out)  # greedy copies
     for comps, prompt in zip(out, call["prompts"], strict=True):

@@ -162,14 +162,15 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str) -> dict[str, Any]:
 
 def sampling_kwargs(cfg: TeacherConfig, request_id: str, n: int, stop_ids: list[int]) -> dict[str, Any]:
     """`SamplingParams(...)` of one request. Greedy decoding asks for one sequence (the `n`
-    samples of a greedy request are copies of it, as in the transformers backend)."""
+    samples of a greedy request are copies of it, as in the transformers backend) and no seed
+    (a seeded request gets its own random generator in vLLM, which greedy decoding never uses)."""
     greedy = cfg.temperature <= 0
     return {
         "n": 1 if greedy else n,
         "temperature": 0.0 if greedy else cfg.temperature,
         "top_p": 1.0 if greedy else cfg.top_p,
         "max_tokens": cfg.max_new_tokens,
-        "seed": request_seed(cfg.seed, request_id),
+        "seed": None if greedy else request_seed(cfg.seed, request_id),  # greedy needs no generator
         "stop_token_ids": stop_ids,
         "detokenize": False,
     }
