@@ -11,7 +11,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 dest=${1:?usage: h100-vllm.sh DEST HOST_FREEZE}
-freeze=${2:?usage: h100-vllm.sh DEST HOST_FREEZE (the host's pip list --format=freeze)}
+freeze=${2:?usage: h100-vllm.sh DEST HOST_FREEZE (pip list --format=freeze of the host)}
 exec bash "$repo/scripts/offline_wheels.sh" \
   --python "${PYTHON312:-python3.12}" --python-version 3.12 --glibc 2.35 --arch x86_64 \
   --host-freeze "$freeze" --dest "$dest" \
