@@ -3,33 +3,45 @@
 One run on one GPU measures, side by side:
   * the hardware limits: device-to-device copy bandwidth (bounds decoding) and the bf16 matrix
     rate (bounds training);
-  * generation: `glyph_core.teachers.hf.TransformersTeacher` (length-sorted batches, left padding)
-    at several batch sizes, against the original scripts' way (plain `generate` on unsorted
-    batches of 8 padded to the longest prompt);
+  * generation, for each workload (prompts × new tokens; default 128×128 and 1024×256), on the
+    same prompts: the original scripts' way (plain `generate` on unsorted batches of 8 padded to
+    the longest prompt), `glyph_core.teachers.hf.TransformersTeacher` (length-sorted batches,
+    left padding), plain vLLM (`LLM.generate` on the chat-template texts), and the project's vllm
+    backend (`VLLMTeacher.generate` on the requests: chat template, tokenization, seeds, decoding
+    included) in the same engine as plain vLLM; tokens/s, the ratio to the original, and the
+    fraction of the compute bound (2·P FLOPs a token) and of the bandwidth bound (every decode
+    step reads the weights and the KV cache once);
   * LoRA SFT through `glyph_core.train.train_sft` (TRL + PEFT) with our configuration, against
     the original scripts' configuration (batch 1, gradient accumulation 16, no packing);
   * peak GPU memory of each.
 
 The model has Qwen2.5-7B-Instruct's exact architecture (config below, from its config.json) and
-random bf16 weights: throughput does not depend on the weights, and the Hub is unreachable.
-EOS is disabled in generation so that every sequence runs to `--max-new-tokens`, as throughput
-benchmarks do. Prompts are synthetic questions of 40 to 200 words, tokenized with the tokenizer
-given by `--tokenizer` (any chat tokenizer; ids stay below Qwen's vocabulary size).
+random bf16 weights (vLLM: `load_format="dummy"` on a local directory holding that config and the
+`--tokenizer`'s files, vocabulary padded to Qwen's size): throughput does not depend on the
+weights, and the Hub is unreachable. The transformers ways disable EOS so that every sequence
+runs to the token budget; vLLM's are counted by the tokens they actually produced (a random
+model almost never emits an eos). Prompts are synthetic questions of 40 to 200 words. The slow
+ways run on the first `--slow-prompts` prompts of a workload (throughput at a fixed batch size
+does not depend on how many batches run); the table says how many prompts each row used.
 
 FLOPs: full fine-tuning costs 6·P·T (forward 2PT, backward 4PT). With LoRA the frozen weights
 need no weight gradients, so the backward costs 2PT: we count 4·P·T (adapter terms are <1%).
 Attention's sequence-quadratic FLOPs are left out of both, as in the usual MFU convention.
 
-    python benchmarks/gpu.py --tokenizer DIR --out benchmarks/results/gpu_h100.json
+    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --tokenizer DIR --out "$OUT/gpu.json" --skip sft
+
+The vLLM rows need vLLM (`--skip vllm` or no vLLM installed: the rest still runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +49,10 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/gpu.py` from the repository root
+    sys.path.insert(0, str(REPO))
 
 QWEN25_7B = dict(
     architectures=["Qwen2ForCausalLM"],
@@ -289,81 +305,243 @@ def bench_sft(model_dir: str, label: str, steps: int, **overrides: Any) -> dict[
     }
 
 
-def main() -> None:
+def model_dir_for_vllm(tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
+    """A local model directory vLLM can load with `load_format="dummy"`: Qwen2.5-7B's config
+    (bf16) and the tokenizer files of `tokenizer_dir`. The tokenizer's ids must stay below Qwen's
+    vocabulary (the config's larger vocabulary pads it); eos is the tokenizer's."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tok) > QWEN25_7B["vocab_size"]:
+        raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's {QWEN25_7B['vocab_size']}")
+    tok.save_pretrained(out)
+    eos = tok.eos_token_id
+    config = {**QWEN25_7B, "torch_dtype": "bfloat16", "bos_token_id": tok.bos_token_id, "eos_token_id": eos}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos, "bos_token_id": tok.bos_token_id})
+    )
+    return out
+
+
+def parse_workload(text: str) -> tuple[int, int]:
+    """`1024x256` -> (1024 prompts, 256 new tokens)."""
+    try:
+        prompts, new = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PROMPTSxTOKENS, e.g. 1024x256") from None
+    if prompts < 1 or new < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both numbers must be positive")
+    return prompts, new
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="a local chat tokenizer directory")
     ap.add_argument("--out", default="benchmarks/results/gpu.json")
-    ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64, 128])
+    ap.add_argument(
+        "--workloads",
+        type=parse_workload,
+        nargs="+",
+        default=[(128, 128), (1024, 256)],
+        help="PROMPTSxTOKENS",
+    )
+    ap.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[128], help="TransformersTeacher batch sizes"
+    )
+    ap.add_argument(
+        "--slow-prompts", type=int, default=256, help="prompts for the transformers ways (the original: /4)"
+    )
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     ap.add_argument("--sft-steps", type=int, default=4)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "sft"])
-    args = ap.parse_args()
+    ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "vllm", "sft"])
+    return ap.parse_args(argv)
+
+
+def bound_fields(
+    r: dict[str, Any], params: int, limits: dict[str, float], avg_prompt: float, new: int
+) -> None:
+    ctx = int(avg_prompt + new / 2)
+    bound = decode_bound(params, r["batch"], ctx, limits["copy_bandwidth_Bps"])
+    r["bandwidth_bound_tokens_per_s"] = bound
+    r["fraction_of_bound"] = r["tokens_per_s"] / bound
+    r["compute_bound_tokens_per_s"] = limits["bf16_matmul_flops"] / (2 * params)
+    r["fraction_of_compute"] = r["tokens_per_s"] / r["compute_bound_tokens_per_s"]
+
+
+def bench_vllm(tok: Any, qs: list[str], new: int, teacher: Any) -> list[dict[str, Any]]:
+    """Plain vLLM and the project's backend on the same prompts, in the same engine; best of two
+    alternating runs each (the first run of a workload also warms up its batch shapes)."""
+    from vllm import SamplingParams
+
+    from glyph_core.prompts import latent_messages
+    from glyph_core.teachers.base import GenRequest
+
+    teacher.cfg = teacher.cfg.model_copy(update={"max_new_tokens": new})
+    reqs = [GenRequest(id=f"q{i}", messages=latent_messages(q)) for i, q in enumerate(qs)]
+    texts = [tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) for r in reqs]
+    plain_params = SamplingParams(temperature=0.0, max_tokens=new)
+
+    def plain() -> int:
+        outs = teacher.llm.generate(texts, plain_params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def ours() -> int:
+        return sum(c[0].completion_tokens for c in teacher.generate(reqs, 1))
+
+    teacher.generate(reqs[:8], 1)  # warm-up of the sampler and the small batch shapes
+    best: dict[str, dict[str, Any]] = {}
+    for _ in range(2):
+        for label, fn in (("plain vLLM (LLM.generate)", plain), ("ours (VLLMTeacher)", ours)):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tokens = fn()
+            secs = time.perf_counter() - t0
+            r = {"way": label, "tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs}
+            if label not in best or r["tokens_per_s"] > best[label]["tokens_per_s"]:
+                best[label] = r
+    max_seqs = int(teacher.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+    return [{**r, "batch": min(len(qs), max_seqs), "prompts": len(qs)} for r in best.values()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoTokenizer
 
+    from glyph_core.prompts import latent_messages
+
     console = Console()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "args": vars(args),
+        "args": {**vars(args), "workloads": [f"{p}x{n}" for p, n in args.workloads]},
     }
+
+    def save() -> None:  # after every section: a later crash keeps what was measured
+        out_path.write_text(json.dumps(result, indent=2))
+
     limits = measure_limits()
     result["limits"] = limits
     console.print(
         f"[bold]{result['device']}[/]: copy {limits['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, "
         f"bf16 matmul {limits['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s"
     )
-
     model = build_model()
     params = n_params(model)
     result["params"] = params
-    qs = questions(args.prompts)
-    avg_prompt = sum(
-        len(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)) for q in qs
-    ) / len(qs)
-
-    table = Table(title=f"Generation, Qwen2.5-7B architecture ({params / 1e9:.2f}B params, bf16)")
-    for col in ("way", "batch", "tokens/s", "× original", "% of bandwidth bound", "peak GiB"):
-        table.add_column(col, justify="right")
-    if "generate" not in args.skip:
-        orig = bench_original(model, tok, qs, args.max_new_tokens)
-        gen_rows = [{"way": "original (unsorted, padded)", "batch": 8, **orig}]
+    all_qs = questions(max(p for p, _ in args.workloads))
+    gen_rows: list[dict[str, Any]] = []
+    avg_prompt: dict[str, float] = {}
+    for prompts, new in args.workloads:
+        qs = all_qs[:prompts]
+        name = f"{prompts}x{new}"
+        rendered = [
+            tok.apply_chat_template(latent_messages(q), tokenize=False, add_generation_prompt=True)
+            for q in qs
+        ]  # counted as text -> ids: apply_chat_template(tokenize=True) returns a dict in transformers 5
+        avg_prompt[name] = sum(
+            len(ids) for ids in tok(rendered, add_special_tokens=False)["input_ids"]
+        ) / len(qs)
+        if "generate" in args.skip:
+            continue
+        few = qs[: max(8, args.slow_prompts // 4)]
+        orig = bench_original(model, tok, few, new)
+        gen_rows.append(
+            {"workload": name, "way": "original (unsorted, padded)", "batch": 8, "prompts": len(few), **orig}
+        )
         for b in args.batch_sizes:
+            some = qs[: max(b, args.slow_prompts)]
             gen_rows.append(
                 {
+                    "workload": name,
                     "way": "ours (TransformersTeacher)",
                     "batch": b,
-                    **bench_ours(model, tok, qs, b, args.max_new_tokens),
+                    "prompts": len(some),
+                    **bench_ours(model, tok, some, b, new),
                 }
             )
-        for r in gen_rows:
-            bound = decode_bound(
-                params, r["batch"], int(avg_prompt + args.max_new_tokens / 2), limits["copy_bandwidth_Bps"]
-            )  # bytes read + written per second
-            r["ratio_to_original"] = r["tokens_per_s"] / orig["tokens_per_s"]
-            r["bandwidth_bound_tokens_per_s"] = bound
-            r["fraction_of_bound"] = r["tokens_per_s"] / bound
+        result["generation"] = gen_rows
+        save()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    vllm_ok = "vllm" not in args.skip and importlib.util.find_spec("vllm") is not None
+    if "vllm" not in args.skip and not vllm_ok:
+        console.print("[yellow]vLLM is not installed: its rows are skipped[/]")
+    if vllm_ok:
+        from glyph_core.config import TeacherConfig
+        from glyph_core.teachers.vllm_backend import VLLMTeacher
+
+        model_dir = model_dir_for_vllm(args.tokenizer, Path(tempfile.mkdtemp(prefix="qwen7b-dummy-")))
+        cfg = TeacherConfig(
+            backend="vllm",
+            model=str(model_dir),
+            temperature=0.0,
+            dtype="bfloat16",
+            vllm={
+                "gpu_memory_utilization": args.gpu_memory_utilization,
+                "engine_args": {"load_format": "dummy"},
+            },
+        )
+        t0 = time.perf_counter()
+        teacher = VLLMTeacher(cfg)
+        result["vllm_engine_start_s"] = time.perf_counter() - t0
+        import vllm
+
+        result["vllm"] = vllm.__version__
+        for prompts, new in args.workloads:
+            for r in bench_vllm(tok, all_qs[:prompts], new, teacher):
+                gen_rows.append({"workload": f"{prompts}x{new}", **r})
+            result["generation"] = gen_rows
+            save()
+        teacher.close()
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+    table = Table(title=f"Generation, Qwen2.5-7B architecture ({params / 1e9:.2f}B params, bf16)")
+    for col in ("workload", "way", "batch", "prompts", "tokens/s", "× original", "% compute", "% bandwidth"):
+        table.add_column(col, justify="right")
+    for name in dict.fromkeys(r["workload"] for r in gen_rows):
+        rows = [r for r in gen_rows if r["workload"] == name]
+        orig_rows = [r for r in rows if r["way"].startswith("original")]
+        prompts, new = (int(x) for x in name.split("x"))
+        for r in rows:
+            bound_fields(r, params, limits, avg_prompt[name], new)
+            r["ratio_to_original"] = r["tokens_per_s"] / orig_rows[0]["tokens_per_s"] if orig_rows else None
             table.add_row(
+                name,
                 r["way"],
                 str(r["batch"]),
+                str(r["prompts"]),
                 f"{r['tokens_per_s']:.0f}",
-                f"{r['ratio_to_original']:.2f}",
+                f"{r['ratio_to_original']:.1f}" if r["ratio_to_original"] else "–",
+                f"{100 * r['fraction_of_compute']:.1f}%",
                 f"{100 * r['fraction_of_bound']:.0f}%",
-                f"{r['peak_mem_GiB']:.1f}",
             )
-        result["generation"] = gen_rows
-        console.print(table)
+        ours_v = next((r for r in rows if r["way"] == "ours (VLLMTeacher)"), None)
+        plain_v = next((r for r in rows if r["way"].startswith("plain vLLM")), None)
+        if ours_v and plain_v:
+            result.setdefault("vllm_backend_vs_plain", {})[name] = (
+                ours_v["tokens_per_s"] / plain_v["tokens_per_s"]
+            )
+    result["generation"] = gen_rows
+    save()
 
     if "sft" not in args.skip:
-        model_dir = Path(tempfile.mkdtemp(prefix="qwen7b-random-"))
-        model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
+        model = build_model()
+        model_dir_sft = Path(tempfile.mkdtemp(prefix="qwen7b-random-"))
+        model.save_pretrained(model_dir_sft)
+        tok.save_pretrained(model_dir_sft)
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -378,7 +556,7 @@ def main() -> None:
         runs = []
         for label, overrides in configs:
             try:
-                runs.append(bench_sft(str(model_dir), label, args.sft_steps, **overrides))
+                runs.append(bench_sft(str(model_dir_sft), label, args.sft_steps, **overrides))
             except torch.OutOfMemoryError:
                 console.print(f"[red]{label}: out of memory[/]")
                 gc.collect()
@@ -400,12 +578,14 @@ def main() -> None:
                 f"{r['peak_mem_GiB']:.1f}",
             )
         result["sft"] = runs
+        save()
         console.print(st)
-        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(model_dir_sft, ignore_errors=True)
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {out_path}")
+    for name, ratio in result.get("vllm_backend_vs_plain", {}).items():
+        console.print(f"{name}: project's vllm backend / plain vLLM = {ratio:.3f}")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Bucket = Literal["easy", "medium", "hard"]
 BUCKETS: tuple[Bucket, ...] = ("easy", "medium", "hard")
@@ -66,6 +66,63 @@ class UnifyConfig(StrictModel):
     seed: int = 0
 
 
+# LoRA ranks a vLLM engine can be built for (vLLM's `max_lora_rank` choices); an adapter's rank
+# is rounded up to the next one.
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMEngineConfig(StrictModel):
+    """Settings of the vLLM engine (`backend=vllm`); the defaults suit one 80 GB GPU and a 7B model.
+
+    They change speed and memory, not what is generated: a request that would not fit
+    `max_model_len` becomes an error completion instead of a silently shortened one, so every
+    field stays out of the cache keys.
+    """
+
+    gpu_memory_utilization: float = Field(
+        default=0.90,
+        gt=0.0,
+        le=0.99,
+        description="fraction of GPU memory for weights, activations and KV cache",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=64, le=1_048_576, description="prompt + completion tokens; None = the model's own"
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs one engine spans")
+    enforce_eager: bool = Field(
+        default=False, description="no torch.compile / CUDA graphs: starts ~1 min sooner, decodes slower"
+    )
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, le=65_536, description="sequences per step; None = vLLM's"
+    )
+    max_lora_rank: int | None = Field(
+        default=None, description="None = read from the adapter's adapter_config.json (rounded up)"
+    )
+    multiprocessing: bool = Field(
+        default=False,
+        description="VLLM_ENABLE_V1_MULTIPROCESSING: the engine core in a subprocess (hung on some hosts)",
+    )
+    flashinfer_sampler: bool = Field(
+        default=False, description="VLLM_USE_FLASHINFER_SAMPLER: needs the flashinfer wheels"
+    )
+    batch_invariant: bool = Field(
+        default=False,
+        description="VLLM_BATCH_INVARIANT: bit-identical output whatever shares the batch; slower",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more vllm.LLM keyword arguments as they are (load_format, enable_prefix_caching, ...): "
+        "for speed and memory only, since they stay out of the cache keys",
+    )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _known_rank(cls, v: int | None) -> int | None:
+        if v is not None and v not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {list(VLLM_LORA_RANKS)}")
+        return v
+
+
 class TeacherConfig(StrictModel):
     backend: Literal["reference", "transformers", "openai", "vllm"] = "reference"
     model: str = "Qwen/Qwen2.5-7B-Instruct"
@@ -86,6 +143,11 @@ class TeacherConfig(StrictModel):
     timeout_s: float = Field(default=120.0, json_schema_extra=NOT_IN_KEY)
     max_retries: int = Field(default=4, json_schema_extra=NOT_IN_KEY)
     device: str | None = Field(default=None, json_schema_extra=NOT_IN_KEY)
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, json_schema_extra=NOT_IN_KEY)
+    # LoRA adapters (directories) the teacher serves next to its base model, chosen per call by
+    # `generate(..., adapter=dir)`. The evaluate stage uses it to run base and tuned in one engine;
+    # what an adapter generates is keyed by the adapter's own hash there, so it stays out of this key.
+    adapters: list[str] = Field(default_factory=list, json_schema_extra=NOT_IN_KEY)
 
 
 class GenerateConfig(StrictModel):
@@ -165,3 +227,4 @@ class EvalConfig(StrictModel):
     backend: Literal["transformers", "vllm"] = "transformers"
     compare_base: bool = True
     seed: int = 0
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, json_schema_extra=NOT_IN_KEY)

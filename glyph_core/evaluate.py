@@ -433,7 +433,7 @@ def check_tuned_model(model_dir: str | Path, base_model: str) -> Path:
     return path
 
 
-def teacher_config(model: str, cfg: EvalConfig) -> TeacherConfig:
+def teacher_config(model: str, cfg: EvalConfig, adapters: list[str] | None = None) -> TeacherConfig:
     """Greedy, latent prompt, one sample: the evaluation's decoding, in teacher terms."""
     return TeacherConfig(
         backend=cfg.backend,
@@ -445,37 +445,86 @@ def teacher_config(model: str, cfg: EvalConfig) -> TeacherConfig:
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
+        vllm=cfg.vllm,
+        adapters=adapters or [],
     )
 
 
-def generate_completions(problems: pa.Table, model: str, label: str, cfg: EvalConfig) -> pa.Table:
-    """Generate one greedy completion per problem with ``model`` and score it."""
-    from glyph_core.teachers import make_teacher
+class EvalModels:
+    """The teacher(s) one evaluation generates with, built on first use and closed on exit.
+
+    A tuned LoRA adapter is served by the base model's teacher (`adapters=[dir]`): one vLLM
+    engine with `enable_lora` answers base requests without and tuned requests with the
+    adapter, and the transformers backend loads the base once. A merged or full tuned model is
+    a model of its own: the base's teacher is closed (its GPU memory released) before the tuned
+    model's is built, so there is never a second engine in the process.
+    """
+
+    def __init__(self, cfg: EvalConfig, base_path: str, tuned_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.base_path = base_path
+        self.adapter = (
+            tuned_path if tuned_path and (Path(tuned_path) / "adapter_config.json").is_file() else None
+        )
+        self._teacher: Any = None
+        self._serves: str | None = None  # the model path the open teacher was built on
+
+    def teacher_for(self, model: str) -> tuple[Any, str | None]:
+        """The teacher that serves ``model`` (the base or the tuned path) and the adapter to ask for."""
+        from glyph_core.teachers import make_teacher
+
+        on_base = model == self.base_path or model == self.adapter
+        owner = self.base_path if on_base else model
+        if self._teacher is not None and self._serves != owner:
+            self.close()
+        if self._teacher is None:
+            adapters = [self.adapter] if on_base and self.adapter else []
+            self._teacher = make_teacher(teacher_config(owner, self.cfg, adapters))
+            self._serves = owner
+        return self._teacher, (model if on_base and model == self.adapter else None)
+
+    def close(self) -> None:
+        teacher, self._teacher, self._serves = self._teacher, None, None
+        if teacher is not None:
+            teacher.close()
+
+    def __enter__(self) -> EvalModels:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def generate_completions(
+    problems: pa.Table, model: str, label: str, cfg: EvalConfig, models: EvalModels | None = None
+) -> pa.Table:
+    """Generate one greedy completion per problem with ``model`` and score it; ``models`` is
+    the evaluation's shared teacher (a one-off one is built and closed without it)."""
     from glyph_core.teachers.base import GenRequest
 
+    if models is None:
+        with EvalModels(cfg, model) as own:
+            return generate_completions(problems, model, label, cfg, own)
     rows = problems.to_pylist()
     requests = [GenRequest(id=r["id"], messages=latent_messages(r["question"]), problem=r) for r in rows]
-    teacher = make_teacher(teacher_config(model, cfg))
+    teacher, adapter = models.teacher_for(model)
     # Batch by batch so a long CPU evaluation shows progress in the run log (one line a batch).
     size = max(1, cfg.batch_size)
     outputs: list[Any] = []
     t0 = time.perf_counter()
     log.info("evaluate %s: %d problems, up to %d new tokens each", label, len(requests), cfg.max_new_tokens)
-    try:
-        for start in range(0, len(requests), size):
-            outputs.extend(teacher.generate(requests[start : start + size], n=1))
-            tokens = sum(o.completion_tokens or 0 for outs in outputs for o in outs[:1])
-            elapsed = time.perf_counter() - t0
-            log.info(
-                "evaluate %s: %d/%d done, %.0fs, %.1f tok/s",
-                label,
-                len(outputs),
-                len(requests),
-                elapsed,
-                tokens / elapsed if elapsed else 0.0,
-            )
-    finally:
-        teacher.close()
+    for start in range(0, len(requests), size):
+        outputs.extend(teacher.generate(requests[start : start + size], n=1, adapter=adapter))
+        tokens = sum(o.completion_tokens or 0 for outs in outputs for o in outs[:1])
+        elapsed = time.perf_counter() - t0
+        log.info(
+            "evaluate %s: %d/%d done, %.0fs, %.1f tok/s",
+            label,
+            len(outputs),
+            len(requests),
+            elapsed,
+            tokens / elapsed if elapsed else 0.0,
+        )
     return score_rows(rows, [outs[0] for outs in outputs], label)
 
 
@@ -548,10 +597,11 @@ def evaluate(
     tuned_path = str(check_tuned_model(model, base_model)) if model is not None else None
     base_path = resolve_base_model(base_model)
     parts = []
-    if tuned_path is None or cfg.compare_base:
-        parts.append(generate_completions(selected, base_path, BASE_LABEL, cfg))
-    if tuned_path is not None:
-        parts.append(generate_completions(selected, tuned_path, TUNED_LABEL, cfg))
+    with EvalModels(cfg, base_path, tuned_path) as models:
+        if tuned_path is None or cfg.compare_base:
+            parts.append(generate_completions(selected, base_path, BASE_LABEL, cfg, models))
+        if tuned_path is not None:
+            parts.append(generate_completions(selected, tuned_path, TUNED_LABEL, cfg, models))
     extra = {
         "n_problems": selected.num_rows,
         "base_model": base_model,
@@ -621,20 +671,24 @@ def run_evaluate(
     if model_ref.kind != "base":
         tuned_dir = str(check_tuned_model(store.get_dir(model_ref, cache_dir), base_model))
     parts = []
-    if tuned_dir is None or cfg.compare_base:
-        base_key = _base_key(problems_ref, base_model, cfg)
-        parts.append(
-            _cached_completions(
-                store,
-                base_key,
-                lambda: generate_completions(selected, resolve_base_model(base_model), BASE_LABEL, cfg),
+    base_path = resolve_base_model(base_model)
+    with EvalModels(cfg, base_path, tuned_dir) as models:  # built only if something is not cached
+        if tuned_dir is None or cfg.compare_base:
+            base_key = _base_key(problems_ref, base_model, cfg)
+            parts.append(
+                _cached_completions(
+                    store,
+                    base_key,
+                    lambda: generate_completions(selected, base_path, BASE_LABEL, cfg, models),
+                )
             )
-        )
-    if tuned_dir is not None:
-        tuned = tuned_dir
-        parts.append(
-            _cached_completions(store, key, lambda: generate_completions(selected, tuned, TUNED_LABEL, cfg))
-        )
+        if tuned_dir is not None:
+            tuned = tuned_dir
+            parts.append(
+                _cached_completions(
+                    store, key, lambda: generate_completions(selected, tuned, TUNED_LABEL, cfg, models)
+                )
+            )
     extra = {
         "n_problems": selected.num_rows,
         "base_model": base_model,

@@ -284,9 +284,9 @@ def test_run_evaluate_caches_the_base_model_apart(monkeypatch, trained, tiny):
     calls: list[str] = []
     real = ev.generate_completions
 
-    def counting(problems, model, label, cfg):
+    def counting(problems, model, label, cfg, models=None):
         calls.append(label)
-        return real(problems, model, label, cfg)
+        return real(problems, model, label, cfg, models)
 
     monkeypatch.setattr(ev, "generate_completions", counting)
     first = ev.run_evaluate(store, problems_ref, ref, cfg)

@@ -166,6 +166,94 @@ def test_transformers_loads_peft_adapter_dir(tiny_model: Path, tmp_path: Path) -
     assert [c[0].text for c in a] != [c[0].text for c in b]
 
 
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real PEFT LoRA adapter on the tiny model, saved as the train stage saves one. Its B
+    matrices are drawn large so that it visibly changes greedy decoding: a few optimizer steps
+    do not move a random 64-wide model's greedy output (tried: the loss stays at ln(vocab))."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    adapter = tmp_path_factory.mktemp("adapter") / "adapter"
+    lora.save_pretrained(adapter)
+    return adapter
+
+
+def test_one_model_serves_base_and_adapter_like_two_models(tiny_model: Path, lora_adapter: Path) -> None:
+    """The evaluation's one-model path (base loaded once, the adapter attached and selected per
+    call) gives the same greedy completions as today's two models (the base alone, and the
+    adapter merged into a second copy of the base)."""
+    from peft import PeftModel
+
+    adapter = str(lora_adapter)
+    both = _hf(tiny_model, temperature=0.0, max_new_tokens=8, adapters=[adapter])
+    assert isinstance(both.model, PeftModel)
+    base_one = both.generate(_reqs(), n=1)
+    tuned_one = both.generate(_reqs(), n=1, adapter=adapter)
+
+    base_two = _hf(tiny_model, temperature=0.0, max_new_tokens=8).generate(_reqs(), n=1)
+    tuned_two = _hf(lora_adapter, temperature=0.0, max_new_tokens=8).generate(_reqs(), n=1)
+    assert [c[0] for c in base_one] == [c[0] for c in base_two]
+    assert [c[0] for c in tuned_one] == [c[0] for c in tuned_two]
+    assert [c[0].text for c in tuned_one] != [c[0].text for c in base_one]  # the adapter matters
+
+    with pytest.raises(GlyphError, match="not one this teacher was built with"):
+        both.generate(_reqs()[:1], n=1, adapter=str(tiny_model))
+
+
+def test_eval_models_one_teacher_for_an_adapter_two_in_turn_for_a_full_model(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, lora_adapter: Path, tmp_path: Path
+) -> None:
+    """`EvalModels` builds one teacher for base + adapter; for a full (merged) tuned model it
+    closes the base's teacher before building the tuned one. Teachers are fakes (recording
+    builds and closes), the directories real."""
+    import glyph_core.teachers as teachers
+    from glyph_core.config import EvalConfig
+    from glyph_core.evaluate import EvalModels
+
+    events: list[str] = []
+
+    class FakeTeacher:
+        def __init__(self, cfg: TeacherConfig) -> None:
+            self.cfg = cfg
+            events.append(f"build {Path(cfg.model).name} adapters={[Path(a).name for a in cfg.adapters]}")
+
+        def close(self) -> None:
+            events.append(f"close {Path(self.cfg.model).name}")
+
+    monkeypatch.setattr(teachers, "make_teacher", FakeTeacher)
+    base, adapter = str(tiny_model), str(lora_adapter)
+    with EvalModels(EvalConfig(), base, adapter) as models:
+        t1, a1 = models.teacher_for(base)
+        t2, a2 = models.teacher_for(adapter)
+    assert t1 is t2 and (a1, a2) == (None, adapter)
+    assert events == [f"build {Path(base).name} adapters=['adapter']", f"close {Path(base).name}"]
+
+    events.clear()
+    full = tmp_path / "merged"
+    full.mkdir()  # no adapter_config.json: a model of its own
+    with EvalModels(EvalConfig(), base, str(full)) as models:
+        models.teacher_for(base)
+        _, adapter_arg = models.teacher_for(str(full))
+    assert adapter_arg is None
+    assert events == [
+        f"build {Path(base).name} adapters=[]",
+        f"close {Path(base).name}",  # released before the next model loads
+        "build merged adapters=[]",
+        "close merged",
+    ]
+
+
 def test_vllm_backend_missing_is_a_clear_error() -> None:
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")

@@ -11,8 +11,13 @@ Why it is built this way:
   resumed run samples the same completions as an uninterrupted one.
 * A batch that runs out of memory is split in half and retried; any other failure turns the
   batch into error completions instead of killing the stage.
-* A directory holding a PEFT adapter (`adapter_config.json`) is loaded as base + adapter, which
-  is how the evaluate stage runs a LoRA-tuned student.
+* A directory holding a PEFT adapter (`adapter_config.json`) as `model` is loaded as base +
+  adapter, merged: the fastest way to run the tuned model alone.
+* `adapters` serve base and tuned from one model, as the vLLM backend does in one engine (the
+  evaluate stage's path): the base is loaded once with the adapters attached; a request for an
+  adapter merges it into the weights (so it computes exactly what the merged model computes),
+  and a base request unmerges it (the base again, up to rounding: ask for the base first where
+  bits matter, as the evaluate stage does) and runs under `disable_adapter()`.
 """
 
 from __future__ import annotations
@@ -60,7 +65,18 @@ def load_model_and_tokenizer(cfg: TeacherConfig, device: str) -> tuple[Any, Any]
     if cfg.revision:
         common["revision"] = cfg.revision
     adapter_cfg = Path(path) / "adapter_config.json"
-    if adapter_cfg.is_file():
+    model: Any
+    if cfg.adapters:
+        if adapter_cfg.is_file():
+            raise GlyphError(f"{path}: an adapter as the base model of a teacher with adapters")
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
+        model = PeftModel.from_pretrained(base, cfg.adapters[0], adapter_name=adapter_name(0))
+        for i, extra in enumerate(cfg.adapters[1:], 1):
+            model.load_adapter(extra, adapter_name=adapter_name(i))
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    elif adapter_cfg.is_file():
         from peft import PeftModel
 
         base_name = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
@@ -70,7 +86,7 @@ def load_model_and_tokenizer(cfg: TeacherConfig, device: str) -> tuple[Any, Any]
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, **common)
         # Merged for inference: an unmerged LoRA adds its own matmuls to every layer, which made
         # CPU generation ~2.5x slower than the base model in the demo.
-        model: Any = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
         has_tok = (Path(path) / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(path if has_tok else base_path, **common)
     else:
@@ -84,9 +100,15 @@ def load_model_and_tokenizer(cfg: TeacherConfig, device: str) -> tuple[Any, Any]
     return model, tokenizer
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def adapter_name(i: int) -> str:
+    return f"adapter-{i + 1}"
+
+
+def eos_ids(sources: list[Any], tokenizer: Any) -> set[int]:
+    """Every `eos_token_id` of the given configs (generation config, model config) and the
+    tokenizer's: generation stops at any of them. The vLLM backend uses the same set."""
     ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), model.config):
+    for src in sources:
         eos = getattr(src, "eos_token_id", None)
         if isinstance(eos, int):
             ids.add(eos)
@@ -95,6 +117,10 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    return eos_ids([getattr(model, "generation_config", None), model.config], tokenizer)
 
 
 def batch_seed(seed: int, ids: list[str]) -> int:
@@ -113,13 +139,41 @@ class TransformersTeacher:
             model, tokenizer = load_model_and_tokenizer(cfg, self.device)
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._merged: str | None = None  # the adapter merged into the weights now
 
     # -- prompts ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, requests: list[GenRequest], n: int = 1) -> list[list[Completion]]:
+    def generate(
+        self, requests: list[GenRequest], n: int = 1, adapter: str | None = None
+    ) -> list[list[Completion]]:
+        if adapter is None and self.cfg.adapters:
+            if self._merged is not None:  # W + BA - BA: the base again, up to rounding
+                self.model.unmerge_adapter()
+                self._merged = None
+            with self.model.disable_adapter():
+                return self._generate(requests, n)
+        if adapter is not None:
+            if adapter not in self.cfg.adapters:
+                raise GlyphError(
+                    f"adapter {adapter} is not one this teacher was built with ({self.cfg.adapters})"
+                )
+            self._use_adapter(adapter_name(self.cfg.adapters.index(adapter)))
+        return self._generate(requests, n)
+
+    def _use_adapter(self, name: str) -> None:
+        """Make `name` the active adapter, merged into the weights (what a merged model computes)."""
+        if self._merged == name:
+            return
+        if self._merged is not None:
+            self.model.unmerge_adapter()
+        self.model.set_adapter(name)
+        self.model.merge_adapter()
+        self._merged = name
+
+    def _generate(self, requests: list[GenRequest], n: int) -> list[list[Completion]]:
         texts = [self.render(r.messages) for r in requests]
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         order = sorted(range(len(requests)), key=lambda i: (-lengths[i], i))  # longest first: OOM early

@@ -79,7 +79,11 @@ class OpenAITeacher:
         reason = choice.finish_reason or "stop"
         return Completion(text, reason, prompt_tokens, completion_tokens)
 
-    def generate(self, requests: list[GenRequest], n: int = 1) -> list[list[Completion]]:
+    def generate(
+        self, requests: list[GenRequest], n: int = 1, adapter: str | None = None
+    ) -> list[list[Completion]]:
+        if adapter is not None:
+            raise GlyphError(f"the openai backend serves no LoRA adapters (got {adapter})")
         futures = [[self._pool.submit(self._one, req, k) for k in range(n)] for req in requests]
         return [[f.result() for f in per] for per in futures]
 

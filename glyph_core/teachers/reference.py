@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from glyph_core.errors import GlyphError
 from glyph_core.glyphs import format_trace
 from glyph_core.teachers.base import Completion, GenRequest
 
@@ -157,7 +158,11 @@ class ReferenceTeacher:
 
     name = "reference"
 
-    def generate(self, requests: list[GenRequest], n: int = 1) -> list[list[Completion]]:
+    def generate(
+        self, requests: list[GenRequest], n: int = 1, adapter: str | None = None
+    ) -> list[list[Completion]]:
+        if adapter is not None:
+            raise GlyphError(f"the reference teacher serves no LoRA adapters (got {adapter})")
         out: list[list[Completion]] = []
         for req in requests:
             prompt_tokens = sum(approx_tokens(m.get("content", "")) for m in req.messages)
