@@ -25,10 +25,12 @@ import pytest
 from pipeline_helpers import ExecLog, api_env, cached, exec_log, harness, make_tiny_data, real_data_dir, run  # noqa: F401
 
 from glyph_core.errors import GlyphError
-from glyph_core.stages import STAGES
-from tasks.caching import EXEC_LOG_ENV, FAIL_ENV
+from glyph_core.stages import names
+from tasks.faults import EXEC_LOG_ENV, FAULT_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+STAGES = names()
 
 
 @dataclass
@@ -48,7 +50,7 @@ def warm(harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wa
     log = ExecLog(root / "executions.log")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(EXEC_LOG_ENV, str(log.path))
-        mp.delenv(FAIL_ENV, raising=False)
+        mp.delenv(FAULT_DIR_ENV, raising=False)
         store = str(root / "store")
         cold = run(store, data)
         yield Warm(store=store, data=data, log=log, cold=cold, root=root)
@@ -140,7 +142,8 @@ def test_transient_failure_is_retried_by_the_task(
     warm: Warm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A config change that gives filter a new key but the same output, so the rerun stays cheap.
-    monkeypatch.setenv(FAIL_ENV, f"filter:transient:{tmp_path / 'marker'}")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path))
+    (tmp_path / "filter.transient").touch()
     before = warm.log.counts()
     again = run(warm.store, warm.data, **{"filter.max_completion_tokens": 1000})
     assert cached(again)["filter"] is False
@@ -148,7 +151,8 @@ def test_transient_failure_is_retried_by_the_task(
 
 
 def test_glyph_error_is_not_retried(warm: Warm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(FAIL_ENV, f"filter:fatal:{tmp_path / 'marker'}")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path))
+    (tmp_path / "filter.fatal").touch()
     before = warm.log.counts()
     with pytest.raises(GlyphError, match="injected"):
         run(warm.store, warm.data, **{"filter.max_completion_tokens": 999})
@@ -240,7 +244,8 @@ def test_failure_in_train_then_flow_retry_reruns_only_train(
 
     data = make_tiny_data(real_data_dir(), tmp_path / "data")
     log = exec_log
-    monkeypatch.setenv(FAIL_ENV, f"train:fatal:{tmp_path / 'marker'}")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path))
+    (tmp_path / "train.fatal").touch()
     state = pipeline.with_options(retries=1, retry_delay_seconds=0)(
         profile="tiny", store=str(tmp_path / "store"), overrides=tiny_overrides(data), return_state=True
     )

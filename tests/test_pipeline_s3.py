@@ -17,7 +17,9 @@ import s3fs
 from pipeline_helpers import ExecLog, cached, exec_log, harness, make_tiny_data, real_data_dir, run  # noqa: F401
 from s3_server import SeaweedS3, seaweed
 
-from glyph_core.stages import STAGES
+from glyph_core.stages import names
+
+STAGES = names()
 
 
 @pytest.fixture(scope="module")

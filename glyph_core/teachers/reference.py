@@ -157,6 +157,9 @@ class ReferenceTeacher:
 
     name = "reference"
 
+    def __init__(self, cfg: object = None) -> None:
+        """Every backend is built from its `TeacherConfig`; this one needs nothing from it."""
+
     def generate(self, requests: list[GenRequest], n: int = 1) -> list[list[Completion]]:
         out: list[list[Completion]] = []
         for req in requests:
