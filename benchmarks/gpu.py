@@ -6,7 +6,7 @@ One run on one GPU measures, side by side:
   * generation: `glyph_core.teachers.hf.TransformersTeacher` (length-sorted batches, left padding)
     at several batch sizes, against the original scripts' way (plain `generate` on unsorted
     batches of 8 padded to the longest prompt);
-  * LoRA SFT through `glyph_core.train.train_sft` (TRL + PEFT) with our configuration, against
+  * LoRA SFT through `glyph_core.trainer.train_sft` (TRL + PEFT) with our configuration, against
     the original scripts' configuration (batch 1, gradient accumulation 16, no packing);
   * peak GPU memory of each.
 
@@ -255,7 +255,7 @@ def sft_rows(count: int, seed: int = 1) -> pa.Table:
 
 def bench_sft(model_dir: str, label: str, steps: int, **overrides: Any) -> dict[str, Any]:
     from glyph_core.config import TrainConfig
-    from glyph_core.train import train_sft
+    from glyph_core.trainer import train_sft
 
     cfg = TrainConfig(
         base_model=model_dir,

@@ -1,4 +1,4 @@
-"""`glyph deploy`: set up the Prefect side on a fresh machine (DESIGN §5, §6).
+"""`glyph deploy`: set up the Prefect side on a fresh machine (docs/design.md, "GPU stages"; deployments/README.md).
 
 `glyph deploy`, against the configured PREFECT_API_URL:
 1. creates (or updates) the process work pools `cpu` and `gpu`, the latter with a concurrency

@@ -223,6 +223,8 @@ def _print_output(stage: Stage, store: Store, out: StageOutput, written: dict[st
         table.add_row(name, str(path))
     for reason, n in s.drops.items():
         table.add_row(f"dropped: {reason}", f"{n:,}")
+    if not s.drops:
+        table.add_row("dropped", "none")
     for name, value in s.extra.items():
         table.add_row(name, str(value))
     table.add_row("store", store.uri(stage.name, out.key))

@@ -15,7 +15,7 @@ Cheap vectorised checks (1, 2) run first; 3–4 run per trace, in a process pool
 table is large. Traces are sorted by problem id before chunking, so each gold answer is parsed
 once per worker (memoised in :mod:`glyph_core.answers`). A trace whose ``id`` is not in the
 problems table is a :class:`SchemaError`; one whose problem is held out is a
-:class:`LeakageError` (held-out problems must never reach generate, DESIGN §2).
+:class:`LeakageError` (held-out problems must never reach generate; README.md, "Data, splits and difficulty").
 """
 
 from __future__ import annotations

