@@ -109,17 +109,57 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch_train(
+def progress_writer(output_dir: str | Path) -> StepProgress:
+    """The child's side: `progress(step, total)` published atomically as ``progress.json``."""
+    path = Path(output_dir) / PROGRESS_NAME
+
+    def write(step: int, total: int) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step, "total": total}))
+        os.replace(tmp, path)
+
+    return write
+
+
+def _relay_progress(
+    path: Path, progress: StepProgress | None, seen: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The parent's side: hand a new ``progress.json`` on to `progress`; returns what it saw."""
+    if progress is None or not path.exists():
+        return seen
+    try:
+        data = json.loads(path.read_text())
+        now = (int(data["step"]), int(data["total"]))
+    except (OSError, ValueError, KeyError, TypeError):  # replaced while read: the next poll sees it
+        return seen
+    if now != seen:
+        progress(*now)
+    return now
+
+
+def run_training(
     sft_rows: pa.Table | DatasetRef,
     cfg: TrainConfig,
     output_dir: str | Path,
     *,
     store: Store | None = None,
     data_sha256: str | None = None,
+    keep_model: bool = True,
     progress: StepProgress | None = None,
 ) -> TrainResult:
-    """`train_sft` through `accelerate launch`; returns a `TrainResult` read back from disk
-    (``model`` is None: the weights live in the child)."""
+    """`train_sft` in this process, or through `accelerate launch` (see `uses_launcher`); the
+    arguments are `train_sft`'s. Launched, the `TrainResult` is read back from disk (``model``
+    is None: the weights live in the child)."""
+    if not uses_launcher(cfg):
+        return train_sft(
+            sft_rows,
+            cfg,
+            output_dir,
+            store=store,
+            data_sha256=data_sha256,
+            keep_model=keep_model,
+            progress=progress,
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     args: dict[str, Any] = {"cfg": cfg.model_dump(mode="json"), "output_dir": str(output_dir)}
@@ -163,57 +203,3 @@ def launch_train(
     metrics = pq.read_table(output_dir / METRICS_NAME)
     (output_dir / METRICS_NAME).unlink()
     return TrainResult(model_dir=model_dir, manifest=manifest, metrics=metrics, kind=manifest["kind"])
-
-
-def progress_writer(output_dir: str | Path) -> StepProgress:
-    """The child's side: `progress(step, total)` published atomically as ``progress.json``."""
-    path = Path(output_dir) / PROGRESS_NAME
-
-    def write(step: int, total: int) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"step": step, "total": total}))
-        os.replace(tmp, path)
-
-    return write
-
-
-def _relay_progress(
-    path: Path, progress: StepProgress | None, seen: tuple[int, int] | None
-) -> tuple[int, int] | None:
-    """The parent's side: hand a new ``progress.json`` on to `progress`; returns what it saw."""
-    if progress is None or not path.exists():
-        return seen
-    try:
-        data = json.loads(path.read_text())
-        now = (int(data["step"]), int(data["total"]))
-    except (OSError, ValueError, KeyError, TypeError):  # replaced while read: the next poll sees it
-        return seen
-    if now != seen:
-        progress(*now)
-    return now
-
-
-def run_training(
-    sft_rows: pa.Table | DatasetRef,
-    cfg: TrainConfig,
-    output_dir: str | Path,
-    *,
-    store: Store | None = None,
-    data_sha256: str | None = None,
-    keep_model: bool = True,
-    progress: StepProgress | None = None,
-) -> TrainResult:
-    """`train_sft` in this process, or through `accelerate launch` (see `uses_launcher`)."""
-    if uses_launcher(cfg):
-        return launch_train(
-            sft_rows, cfg, output_dir, store=store, data_sha256=data_sha256, progress=progress
-        )
-    return train_sft(
-        sft_rows,
-        cfg,
-        output_dir,
-        store=store,
-        data_sha256=data_sha256,
-        keep_model=keep_model,
-        progress=progress,
-    )
