@@ -299,11 +299,13 @@ def group_cfg(cfg: GenerateConfig, worker: int, workers: int, gpus: int | None =
     """The config worker `worker` uses: its own GPU when the transformers backend sees one per
     worker (K threads in one process). `device` is not in any key, so the shards are the same
     as on one device; a worker that sees a single GPU (a pinned child run) keeps the default."""
+    if cfg.teacher.backend != "transformers" or cfg.teacher.device is not None:
+        return cfg
     if gpus is None:
         import torch  # lazy: only a transformers fan-out needs it, and it is slow to import
 
         gpus = torch.cuda.device_count()
-    if cfg.teacher.backend == "transformers" and cfg.teacher.device is None and gpus >= workers:
+    if gpus >= workers:
         teacher = cfg.teacher.model_copy(update={"device": f"cuda:{worker}"})
         return cfg.model_copy(update={"teacher": teacher})
     return cfg

@@ -30,7 +30,7 @@ from prefect.exceptions import MissingContextError
 
 from glyph_core.config import StrictModel
 from glyph_core.outputs import Progress, Ref, StageOutput
-from glyph_core.stages import Stage
+from glyph_core.stages import FanOut, Stage
 from glyph_core.storage import Store
 from tasks.children import (
     Child,
@@ -123,11 +123,9 @@ def group_result_name(stage: str, worker: int) -> str:
 
 
 def run_groups(
-    stage: Stage, store: Store, cfg: StrictModel, refs: dict[str, Ref], target: str | None
+    stage: Stage, fan_out: FanOut, store: Store, cfg: StrictModel, refs: dict[str, Ref], target: str | None
 ) -> list[dict[str, Any] | None]:
     """Every group of a fanned-out stage at once; a lost group is None (the final pass redoes it)."""
-    assert stage.fan_out is not None
-    fan_out = stage.fan_out
     k = fan_out.workers(cfg)
     inputs = {name: refs[name] for name in stage.inputs}
     logger = run_logger()
@@ -191,10 +189,11 @@ def execute(
     """Run `stage` where it belongs (see the module docstring) and return its output."""
     target = configured_deployment(deployment) if stage.gpu else None
     groups: list[dict[str, Any] | None] = []
-    workers = stage.fan_out.workers(cfg) if stage.fan_out is not None else 1
-    if stage.fan_out is not None and workers > 1:
-        groups = run_groups(stage, store, cfg, refs, target)
-        cfg = stage.fan_out.final_pass(cfg)  # not in the key: same output, same key
+    fan_out = stage.fan_out
+    workers = fan_out.workers(cfg) if fan_out is not None else 1
+    if fan_out is not None and workers > 1:
+        groups = run_groups(stage, fan_out, store, cfg, refs, target)
+        cfg = fan_out.final_pass(cfg)  # not in the key: same output, same key
     if target is None:
         out = run_here(stage, store, cfg, refs, progress)
     else:

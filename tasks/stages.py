@@ -19,7 +19,7 @@ from prefect import Task, task
 
 from glyph_core.config import StrictModel
 from glyph_core.outputs import Ref, StageOutput
-from glyph_core.stages import Stage, get
+from glyph_core.stages import Stage
 from glyph_core.storage import Store
 from tasks.artifacts import ProgressArtifact, publish_artifacts
 from tasks.caching import lock_dir_for, result_storage_for, retry_options, stage_policy
@@ -27,13 +27,12 @@ from tasks.dispatch import execute
 
 
 def run_stage_task(
-    stage_name: str, store: str, cfg: StrictModel, refs: dict[str, Ref], gpu_pool: str | None = None
+    stage: Stage, store: str, cfg: StrictModel, refs: dict[str, Ref], gpu_pool: str | None = None
 ) -> StageOutput:
     """The body of every stage task: run the stage where it belongs, then publish its artifacts.
 
     `gpu_pool` None lets `$GLYPH_GPU_DEPLOYMENT` decide; "inline" forces this process.
     """
-    stage = get(stage_name)
     st = Store(store)
     out = execute(stage, st, cfg, refs, deployment=gpu_pool, progress=ProgressArtifact(stage.name))
     publish_artifacts(st, out)
@@ -45,7 +44,7 @@ def task_for(stage: Stage) -> Task[..., StageOutput]:
     """The Prefect task named after `stage` (one per declaration, built once)."""
 
     def body(store: str, cfg: StrictModel, refs: dict[str, Ref], gpu_pool: str | None = None) -> StageOutput:
-        return run_stage_task(stage.name, store, cfg, refs, gpu_pool)
+        return run_stage_task(stage, store, cfg, refs, gpu_pool)
 
     # Prefect derives the task key from the function's name: one per stage, not one for all.
     body.__name__ = body.__qualname__ = f"{stage.name}_task"
