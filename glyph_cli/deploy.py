@@ -1,4 +1,4 @@
-"""`glyph deploy`: set up the Prefect side on a fresh machine (docs/design.md, "GPU stages"; deployments/README.md).
+"""`glyph deploy`: set up the Prefect side on a fresh machine (deployments/README.md).
 
 `glyph deploy`, against the configured PREFECT_API_URL:
 1. creates (or updates) the process work pools `cpu` and `gpu`, the latter with a concurrency
@@ -9,6 +9,9 @@
 4. prints the worker commands and the UI address.
 
 It is idempotent: run it again after editing prefect.yaml.
+
+Prefect is imported inside the functions: it takes about a second to import, and `glyph --help`
+and the other commands need none of it.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def prefect_home() -> Path:
     if env:
         return Path(env).expanduser()
     try:
-        from prefect.settings import get_current_settings
+        from prefect.settings import get_current_settings  # ~1 s to import: only when PREFECT_HOME is unset
 
         return Path(get_current_settings().home).expanduser()
     except Exception:  # pragma: no cover - prefect missing or settings unreadable

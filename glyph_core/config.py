@@ -129,7 +129,7 @@ class GenerateConfig(StrictModel):
     split: Literal["train"] = Field(default="train", description="held-out problems never reach generate")
     limit: int | None = Field(default=None, description="at most this many training problems")
     shard_size: int = Field(default=64, description="problems per shard (the unit of resume)")
-    # Fan-out over GPU workers (flows/fanout.py): shards are keyed on content, so how many
+    # Fan-out over GPU workers (docs/design.md, "Fan-out"): shards are keyed on content, so how many
     # workers generated them changes speed, never the output.
     workers: int = Field(
         default=1, json_schema_extra=NOT_IN_KEY, description="shard groups generated in parallel"
