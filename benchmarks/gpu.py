@@ -11,7 +11,7 @@ One run on one GPU measures, side by side:
     included) in the same engine as plain vLLM; tokens/s, the ratio to the original, and the
     fraction of the compute bound (2·P FLOPs a token) and of the bandwidth bound (every decode
     step reads the weights and the KV cache once);
-  * LoRA SFT through `glyph_core.train.train_sft` (TRL + PEFT) with our configuration, against
+  * LoRA SFT through `glyph_core.trainer.train_sft` (TRL + PEFT) with our configuration, against
     the original scripts' configuration (batch 1, gradient accumulation 16, no packing);
   * peak GPU memory of each.
 
@@ -271,7 +271,7 @@ def sft_rows(count: int, seed: int = 1) -> pa.Table:
 
 def bench_sft(model_dir: str, label: str, steps: int, **overrides: Any) -> dict[str, Any]:
     from glyph_core.config import TrainConfig
-    from glyph_core.train import train_sft
+    from glyph_core.trainer import train_sft
 
     cfg = TrainConfig(
         base_model=model_dir,

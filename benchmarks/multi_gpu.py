@@ -207,7 +207,7 @@ def sft_rows(n: int, seq_len: int) -> Any:
 
 def bench_sft(args: argparse.Namespace, n_gpus: int, tmp: Path) -> dict[str, Any]:
     from glyph_core.config import TrainConfig
-    from glyph_core.launch import launch_train
+    from glyph_core.launch import run_training
 
     cfg = TrainConfig(
         base_model=args.model,
@@ -223,7 +223,7 @@ def bench_sft(args: argparse.Namespace, n_gpus: int, tmp: Path) -> dict[str, Any
     )
     rows = sft_rows(args.sft_batch * n_gpus * args.sft_steps, args.seq_len)
     t0 = time.perf_counter()
-    result = launch_train(rows, cfg, tmp / f"sft-{n_gpus}")
+    result = run_training(rows, cfg, tmp / f"sft-{n_gpus}")  # launcher="accelerate": always launched
     m = result.manifest["metrics"]
     return {
         "gpus": n_gpus,

@@ -12,7 +12,7 @@ of 16 rows each (effective batch 16):
 * ``ours``: LoRA (rank 16, all linear layers), batch 4 × accumulation 4, with packing.
 
 Speed is non-padding tokens per second and seconds per optimizer step, measured from the
-trainer's own log history (:func:`glyph_core.train.metrics_table`); the first step is left out
+trainer's own log history (:func:`glyph_core.trainer.metrics_table`); the first step is left out
 of the rates (it pays for lazy initialisation). Rows are synthetic but realistic in length: a
 question and a glyph trace whose token counts vary between 40 % and 100 % of ``--seq-len``, so
 padding costs what it costs on real data. ``--rows`` uses a real SFT Parquet file instead.
@@ -42,7 +42,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glyph_core.config import LoraConfig, TrainConfig  # noqa: E402
-from glyph_core.train import resolve_base_model, train_sft  # noqa: E402
+from glyph_core.models import resolve_base_model  # noqa: E402
+from glyph_core.trainer import train_sft  # noqa: E402
 
 console = Console(width=160)  # a wide table also when the output is a file
 G, P, S, T, F = "\U0001f71e", "\U0001f706", "\U0001f702", "\U0001f703", "\U0001f75e"

@@ -1,16 +1,16 @@
-"""The pipeline flow: unify → generate → filter → rewrite → train → evaluate (DESIGN §2–§5).
+"""The pipeline flow: every declared stage in order (docs/design.md, "The pipeline flow").
 
-The flow only composes the stage tasks of `tasks.stages`; what a stage does lives in
-`glyph_core`, how it is cached and retried in `tasks`. Between stages only small refs travel.
+The wiring is derived from the declarations in `glyph_core/stages.py`: each stage gets the refs
+its `inputs` name, from the outputs of the stages before it (checked when the stages are
+declared), and its config from the profile. What a stage does lives in `glyph_core`, how it is
+cached, retried and sent to the GPU pool in `tasks`. Between stages only small refs travel.
 
 Caching is content-keyed, so a rerun with nothing changed returns every stage `Cached` in
 seconds, and a retry of a failed run (same flow-run id) recomputes only the failed stage and
 what follows it. `refresh` forces chosen stages *and every later stage* to recompute, because
 Prefect has no "restart from task X" and a refreshed stage's consumers should see the rerun.
-
-GPU seam (issue 6): `generate`, `train` and `evaluate` go through `_dispatch`. When
-`gpu_pool` is configured they are meant to run as their own flow runs on that work pool via
-`run_deployment` inside a cached task; today they always run inline.
+The GPU stages run on the GPU pool when a GPU deployment is configured (`gpu_pool`, else
+`$GLYPH_GPU_DEPLOYMENT`, which the pipeline deployment sets), inline otherwise.
 """
 
 from __future__ import annotations
@@ -22,25 +22,27 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from glyph_core.errors import GlyphError
-from glyph_core.profiles import PipelineConfig, load_profile
-from glyph_core.stages import GPU_STAGES, STAGES, StageOutput, default_store_root, verify_output
+from glyph_core.outputs import Ref, StageOutput, verify_output
+from glyph_core.profiles import PipelineConfig, default_store_root, load_profile
+from glyph_core.stages import Stage, names, stages
 from glyph_core.storage import Store
 from tasks.caching import result_storage_for
-from tasks.stages import STAGE_TASKS, stage_task_options
+from tasks.stages import stage_task_options, task_for
 
 
 def refresh_set(refresh: list[str] | None) -> set[str]:
     """The named stages and every stage after the earliest of them (`all` = every stage)."""
-    names = [r.strip() for r in (refresh or []) if r.strip()]
-    if not names:
+    order = names()
+    chosen = [r.strip() for r in (refresh or []) if r.strip()]
+    if not chosen:
         return set()
-    if "all" in names:
-        return set(STAGES)
-    unknown = [n for n in names if n not in STAGES]
+    if "all" in chosen:
+        return set(order)
+    unknown = [n for n in chosen if n not in order]
     if unknown:
-        raise GlyphError(f"unknown stage(s) in refresh: {', '.join(unknown)}; expected {', '.join(STAGES)}")
-    first = min(STAGES.index(n) for n in names)
-    return set(STAGES[first:])
+        raise GlyphError(f"unknown stage(s) in refresh: {', '.join(unknown)}; expected {', '.join(order)}")
+    first = min(order.index(n) for n in chosen)
+    return set(order[first:])
 
 
 class _Runner:
@@ -54,32 +56,38 @@ class _Runner:
         self.logger = get_run_logger()
         self.result_storage = result_storage_for(store.root)
 
-    def _call(self, stage: str, refresh: bool, inputs: dict[str, Any]) -> tuple[StageOutput, bool]:
+    def _call(self, stage: Stage, refresh: bool, refs: dict[str, Ref]) -> tuple[StageOutput, bool]:
         options = stage_task_options(
-            stage,
+            stage.name,
             self.store.root,
             refresh=refresh,
             retries=self.cfg.retries,
             retry_delay_s=self.cfg.retry_delay_s,
             result_storage=self.result_storage,
         )
-        task = STAGE_TASKS[stage].with_options(**options)
-        state = task(store=self.store.root, **inputs, return_state=True)
+        extra = {"gpu_pool": self.cfg.gpu_pool} if stage.gpu else {}
+        state: Any = task_for(stage).with_options(**options)(
+            store=self.store.root,
+            cfg=self.cfg.stage_config(stage.name),
+            refs=refs,
+            **extra,
+            return_state=True,
+        )
         out = state.result()  # raises the task's own exception if it failed
         return out, state.name == "Cached"
 
-    def run(self, stage: str, **inputs: Any) -> StageOutput:
+    def run(self, stage: Stage, refs: dict[str, Ref]) -> StageOutput:
         t0 = time.perf_counter()
-        out, cached = self._dispatch(stage, stage in self.refresh, inputs)
+        out, cached = self._call(stage, stage.name in self.refresh, refs)
         if cached and not verify_output(self.store, out):
             # A cache record outlived its artifact (deleted, damaged): never hand that on.
-            self.logger.warning("%s: cached artifact missing or damaged; recomputing", stage)
-            out, cached = self._dispatch(stage, True, inputs)
+            self.logger.warning("%s: cached artifact missing or damaged; recomputing", stage.name)
+            out, cached = self._call(stage, True, refs)
         wall = time.perf_counter() - t0
         own = 0.0 if cached else out.stats.seconds
         self.summary.append(
             {
-                "stage": stage,
+                "stage": stage.name,
                 "cached": cached,
                 "seconds": round(wall, 3),
                 "stage_seconds": round(own, 3),
@@ -92,15 +100,8 @@ class _Runner:
                 "drops": out.stats.drops,
             }
         )
-        self.logger.info("%s: %s in %.2fs → %s", stage, "Cached" if cached else "ran", wall, out.ref.uri)
+        self.logger.info("%s: %s in %.2fs → %s", stage.name, "Cached" if cached else "ran", wall, out.ref.uri)
         return out
-
-    def _dispatch(self, stage: str, refresh: bool, inputs: dict[str, Any]) -> tuple[StageOutput, bool]:
-        if stage in GPU_STAGES:
-            # gpu_pool None: $GLYPH_GPU_DEPLOYMENT decides (the deployment sets it); "inline" runs
-            # here. See flows/gpu_stages.py.
-            inputs = {**inputs, "gpu_pool": self.cfg.gpu_pool}
-        return self._call(stage, refresh, inputs)
 
 
 @flow(name="glyph-pipeline")
@@ -123,13 +124,10 @@ def pipeline(
     st = Store(store or default_store_root()).ensure()
     runner = _Runner(st, cfg, refresh_set(refresh))
 
-    unify = runner.run("unify", cfg=cfg.unify)
-    problems = unify.refs["problems"]
-    generate = runner.run("generate", problems=problems, cfg=cfg.generate)
-    filtered = runner.run("filter", traces=generate.refs["traces"], problems=problems, cfg=cfg.filter)
-    rewrite = runner.run("rewrite", kept=filtered.refs["kept"], problems=problems, cfg=cfg.rewrite)
-    train = runner.run("train", sft=rewrite.refs["sft"], cfg=cfg.train)
-    runner.run("evaluate", problems=problems, model=train.refs["model"], cfg=cfg.evaluate)
+    refs: dict[str, Ref] = {}  # every output so far, by the name its stage declared
+    for stage in stages():
+        out = runner.run(stage, {name: refs[name] for name in stage.inputs})
+        refs.update(out.refs)
 
     create_table_artifact(
         key="glyph-pipeline-summary",

@@ -1,10 +1,11 @@
-"""The dataset watcher (DESIGN §6): fingerprint each source, emit `glyph.dataset.changed` on change.
+"""The dataset watcher (docs/design.md, "The dataset watcher"): fingerprint each source, emit `glyph.dataset.changed` on change.
 
 Deployed on a cron schedule (deployments/prefect.yaml). Each run computes one fingerprint per
 configured source and compares it with the value kept in a Prefect Variable:
 
 - local files (`data_dir` given): sha256 over every file of `{data_dir}/{source}/` (relative path
-  and bytes, sorted), so an edited, added or removed file changes the fingerprint;
+  and bytes, sorted), so an edited, added or removed file changes the fingerprint; the same
+  per-file hashes key the unify stage (`glyph_core.fingerprints`);
 - the Hub (`data_dir` None): the commit sha of the dataset repository at the configured revision,
   `huggingface_hub.HfApi().dataset_info(id, revision=...).sha` (MATH also watches MATH-500).
 
@@ -17,12 +18,11 @@ First run (no stored value for a source): the fingerprint is recorded and, by de
 emitted. Deploying the watcher must not start a full pipeline run by itself; the first pipeline
 run is started on purpose. `emit_on_first_run=True` changes that.
 
-The fingerprint functions import no Prefect; only the flow does.
+The fingerprints are computed in `glyph_core.fingerprints` (no Prefect); this module is the flow.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,49 +30,11 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.variables import Variable
 
+from glyph_core.fingerprints import source_fingerprints
+
 EVENT = "glyph.dataset.changed"
 DEFAULT_VARIABLE = "glyph_dataset_fingerprints"
 DEFAULT_SOURCES = ["gsm8k", "svamp", "math"]
-
-
-def fingerprint_local(data_dir: str | Path, source: str) -> str:
-    """sha256 over the sorted (relative path, sha256 of bytes) of every file under `data_dir/source`."""
-    root = Path(data_dir).expanduser() / source
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset directory not found: {root}")
-    outer = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        inner = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(chunk)
-        outer.update(f"{path.relative_to(root).as_posix()}\0{inner.hexdigest()}\n".encode())
-    return "sha256:" + outer.hexdigest()
-
-
-def fingerprint_hub(source: str, revisions: dict[str, str | None] | None = None) -> str:
-    """The Hub commit sha of each repository the source is read from (needs network)."""
-    from huggingface_hub import HfApi
-
-    from glyph_core.sources import HUB_SOURCES
-
-    revisions = revisions or {}
-    names = [source, "math500"] if source == "math" else [source]
-    api = HfApi()
-    parts = []
-    for name in names:
-        spec = HUB_SOURCES[name]
-        revision = revisions.get(name, spec.revision)
-        parts.append(f"{spec.hub_id}@{api.dataset_info(spec.hub_id, revision=revision).sha}")
-    return "hub:" + ",".join(parts)
-
-
-def fingerprints(
-    sources: list[str], data_dir: str | None, revisions: dict[str, str | None] | None = None
-) -> dict[str, str]:
-    if data_dir:
-        return {s: fingerprint_local(data_dir, s) for s in sources}
-    return {s: fingerprint_hub(s, revisions) for s in sources}
 
 
 def location_key(data_dir: str | None) -> str:
@@ -98,7 +60,7 @@ def watch_datasets(
     """Emit `glyph.dataset.changed` when a source's fingerprint differs from the stored one."""
     logger = get_run_logger()
     location = location_key(data_dir)
-    current = fingerprints(sources, data_dir, revisions)
+    current = source_fingerprints(sources, data_dir, revisions)
 
     stored: dict[str, Any] = Variable.get(variable, default={}) or {}
     previous: dict[str, str] = dict(stored.get(location, {}))

@@ -1,4 +1,4 @@
-"""`glyph deploy`: set up the Prefect side on a fresh machine (DESIGN §5, §6).
+"""`glyph deploy`: set up the Prefect side on a fresh machine (deployments/README.md).
 
 `glyph deploy`, against the configured PREFECT_API_URL:
 1. creates (or updates) the process work pools `cpu` and `gpu`, the latter with a concurrency
@@ -9,6 +9,9 @@
 4. prints the worker commands and the UI address.
 
 It is idempotent: run it again after editing prefect.yaml.
+
+Prefect is imported inside the functions: it takes about a second to import, and `glyph --help`
+and the other commands need none of it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from glyph_cli.common import fail
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = ("cpu", "gpu")
@@ -168,12 +173,11 @@ def register(app: typer.Typer) -> None:
         """Create the cpu and gpu work pools, deploy everything, create the automations."""
         api_url = _api_url()
         if not api_url:
-            typer.echo(
+            fail(
                 "PREFECT_API_URL is not set. Start a server (`prefect server start`, or `glyph server start`)\n"
                 "and point at it: `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`.",
-                err=True,
+                code=2,
             )
-            raise typer.Exit(2)
         repo = repo.resolve()
         try:
             asyncio.run(_check_api())
@@ -186,8 +190,7 @@ def register(app: typer.Typer) -> None:
             for line in asyncio.run(ensure_automations(automations.resolve())):
                 typer.echo(line)
         except Exception as exc:  # one readable line for people; details above
-            typer.echo(f"glyph deploy failed: {exc}", err=True)
-            raise typer.Exit(1) from exc
+            fail(f"glyph deploy failed: {exc}")
         typer.echo("\nStart the workers (each in its own terminal, or as a service):")
         for cmd in worker_commands(api_url):
             typer.echo(f"  {cmd}")

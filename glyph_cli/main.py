@@ -1,8 +1,15 @@
-"""The `glyph` command: one entry for people, each stage's commands in its own module."""
+"""The `glyph` command: one entry for people.
+
+`glyph <stage>` for every declared stage (glyph_cli/stage_commands.py, generated from
+glyph_core/stages.py), `glyph run` and `glyph report` for the pipeline, `glyph server`,
+`glyph deploy` and `glyph model` for the machinery around it.
+"""
 
 from __future__ import annotations
 
 import typer
+
+from glyph_cli import deploy, models, pipeline, report, server, stage_commands
 
 app = typer.Typer(
     name="glyph",
@@ -12,16 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-def _register() -> None:
-    # Imported here so `glyph --help` stays fast and each module owns its commands.
-    from glyph_cli import deploy, generate, pipeline, report, server, stages, train
-
-    for module in (stages, generate, train, pipeline, report, server, deploy):
-        module.register(app)
-
-
-_register()
+for module in (stage_commands, pipeline, report, server, deploy, models):
+    module.register(app)
 
 if __name__ == "__main__":
     app()

@@ -11,17 +11,24 @@ one run history across stores is what a person browsing the UI wants.
 
 The run ends with the stage table, the evaluation table (base vs tuned per bucket), the
 selectivity numbers, the plot's path and the flow run's UI address, and saves all of that to
-`{store}/_runs/last.json` for `glyph report`.
+`{store}/_runs/last.json` for `glyph report` (glyph_cli/run_summary.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 import typer
+
+from glyph_cli.common import StoreOpt, fail
+from glyph_cli.run_summary import evaluation_block, print_evaluation, print_summary, save_last
+from glyph_cli.server import ServerError, ensure_server
+from glyph_core.errors import GlyphError
+from glyph_core.profiles import PROFILES, load_profile, parse_sets
 
 
 def _prefect_defaults(quiet: bool) -> None:
@@ -36,53 +43,16 @@ def _prefect_defaults(quiet: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """A table: stage, cached or ran, seconds (stage's own and Prefect's), rows, where it went."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"glyph run --profile {summary['profile']}  ·  store {summary['store']}")
-    table.add_column("stage")
-    table.add_column("status")
-    table.add_column("seconds", justify="right")
-    table.add_column("stage s", justify="right")
-    table.add_column("prefect s", justify="right")
-    table.add_column("rows in → out", justify="right")
-    table.add_column("drops")
-    table.add_column("artifact", overflow="fold")
-    for row in summary["stages"]:
-        drops = ", ".join(f"{k} {v}" for k, v in row["drops"].items() if v) or ""
-        table.add_row(
-            row["stage"],
-            "[green]Cached[/green]" if row["cached"] else "[yellow]ran[/yellow]",
-            f"{row['seconds']:.2f}",
-            f"{row['stage_seconds']:.2f}",
-            f"{row['overhead_seconds']:.2f}",
-            f"{row['rows_in']} → {row['rows_out']}",
-            drops,
-            row["uri"],
-        )
-    console = Console(width=max(160, Console().width))
-    console.print(table)
-    cached = sum(r["cached"] for r in summary["stages"])
-    console.print(
-        f"{cached}/{len(summary['stages'])} stages cached; flow {summary['seconds']:.2f}s "
-        f"(stages {sum(r['seconds'] for r in summary['stages']):.2f}s)"
-    )
-
-
 def _api_url(use_server: bool) -> tuple[str | None, str | None]:
     """(API URL to use, UI base URL): the configured one, the on-demand local server's, or
     (None, None) for Prefect's temporary in-process server."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL  # Prefect: ~1 s to import; `glyph --help` needs none
 
     configured = PREFECT_API_URL.value()
     if configured:
         return str(configured), str(configured).rstrip("/").removesuffix("/api")
     if not use_server:
         return None, None
-    from glyph_cli.server import ensure_server
-
     info = ensure_server()
     return info.api_url, info.ui_url
 
@@ -95,9 +65,9 @@ def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
     if ui:
         info["server"] = ui
         info["ui_url"] = f"{ui}/runs/flow-run/{flow_run_id}"
-    try:
-        from prefect import get_client
+    from prefect import get_client  # see _api_url
 
+    try:
         with get_client(sync_client=True) as client:
             info["name"] = client.read_flow_run(flow_run_id).name
     except Exception:  # the name is a courtesy; the id (and URL) are enough
@@ -106,10 +76,8 @@ def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
 
 
 def run_cmd(
-    profile: str = typer.Option("tiny", "--profile", "-p", help="tiny | demo | full"),
-    store: str | None = typer.Option(
-        None, "--store", help="local directory or s3://bucket/prefix (default $GLYPH_STORE or .glyph/store)"
-    ),
+    profile: str = typer.Option("tiny", "--profile", "-p", help=" | ".join(PROFILES)),
+    store: StoreOpt = None,
     set_: list[str] = typer.Option([], "--set", help="override a setting: key.path=value (repeatable)"),
     refresh: list[str] = typer.Option(
         [], "--refresh", help="recompute this stage and every later one (repeatable)"
@@ -124,29 +92,21 @@ def run_cmd(
         "or use Prefect's temporary in-process one",
     ),
 ) -> None:
-    """Run unify → generate → filter → rewrite → train → evaluate; cached stages return at once."""
+    """Run every stage (unify → generate → filter → rewrite → train → evaluate) under Prefect; cached stages return at once."""
     _prefect_defaults(quiet)
-    from glyph_core.errors import GlyphError
-    from glyph_core.profiles import load_profile, parse_sets
-
     try:
         overrides = parse_sets(set_)
         load_profile(profile, overrides)  # fail on a typo before Prefect starts a server
     except GlyphError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from glyph_cli.server import ServerError
-
+        fail(exc, code=2)
     try:
         api_url, ui = _api_url(server)
     except ServerError as exc:
-        typer.echo(f"error: {exc}\n(or run with --no-server to use Prefect's temporary server)", err=True)
-        raise typer.Exit(1) from None
+        fail(f"{exc}\n(or run with --no-server to use Prefect's temporary server)")
 
-    import logging
+    # Imported only now: Prefect and the flow take seconds to import, and `glyph --help` or a
+    # typo in `--set` should not wait for them.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.pipeline import pipeline
 
@@ -162,11 +122,8 @@ def run_cmd(
             )
             summary: dict[str, Any] = state.result()  # type: ignore[union-attr]
         except GlyphError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            fail(exc)
         summary["flow_run"] = _flow_run_info(state.state_details.flow_run_id, ui)  # type: ignore[union-attr]
-
-    from glyph_cli.report import evaluation_block, print_evaluation, save_last
 
     summary["evaluation"] = evaluation_block(summary["store"], summary["stages"])
     summary["last_run"] = save_last(summary)

@@ -1,206 +1,17 @@
-"""`glyph report`: the last run's tables again, and a short Markdown report with the plot.
-
-`glyph run` saves its summary to `{store}/_runs/last.json` (published atomically, so a crash
-mid-write never leaves half a file) together with what the evaluation produced: the side-by-side
-rows, selectivity, the Markdown table and where the plot and metrics are. The report therefore
-needs neither Prefect nor a model, and works on any store (a local directory or S3).
-"""
+"""`glyph report`: the last run's tables again, and a short Markdown report with the plot
+(the summary `glyph run` saved; glyph_cli/run_summary.py)."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 import typer
 
-LAST_RUN = ("_runs", "last.json")
-
-
-def _store(store: str | None) -> Any:
-    from glyph_core.stages import default_store_root
-    from glyph_core.storage import Store
-
-    return Store(store or default_store_root())
-
-
-def evaluation_block(store_root: str, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """What the run's evaluate stage produced, read back from its artifacts (None if absent)."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from glyph_core.evaluate import display_rows, markdown_table
-    from glyph_core.storage import StorageError
-
-    row = next((r for r in stages if r["stage"] == "evaluate"), None)
-    if row is None:
-        return None
-    st = _store(store_root)
-    key = row["key"]
-    table_uri = row.get("refs", {}).get("table") or st.uri("evaluate", key, "table.parquet")
-    metrics_uri = st.uri("evaluate", key, "metrics.json")
-    try:
-        table = pq.read_table(io.BytesIO(st.read_bytes(table_uri)))
-        metrics = json.loads(st.read_bytes(metrics_uri))
-    except (StorageError, OSError, ValueError):
-        return None
-    models = metrics.get("models", {})
-    return {
-        "rows": display_rows(table),
-        "table_md": markdown_table(table),
-        "selectivity": {m: v.get("selectivity", {}) for m, v in models.items()},
-        "tuned_minus_base": metrics.get("tuned_minus_base", {}),
-        "n_problems": metrics.get("n_problems"),
-        "plot": st.uri("evaluate", key, "emergence_accuracy.png"),
-        "metrics": metrics_uri,
-        "table": table_uri,
-    }
-
-
-def save_last(summary: dict[str, Any]) -> str:
-    """Publish the summary as `{store}/_runs/last.json`; returns its URI."""
-    st = _store(summary["store"])
-    uri = st.uri(*LAST_RUN)
-    st.publish_bytes(uri, json.dumps(summary, indent=2, default=str).encode())
-    return str(uri)
-
-
-def load_last(store: str | None) -> tuple[dict[str, Any], str]:
-    from glyph_core.errors import GlyphError
-    from glyph_core.storage import StorageError
-
-    st = _store(store)
-    uri = st.uri(*LAST_RUN)
-    try:
-        return json.loads(st.read_bytes(uri)), uri
-    except StorageError:
-        raise GlyphError(f"no run recorded in {st.root} yet ({uri}); run `glyph run` first") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# terminal
-
-
-def _rate(p: float | None, lo: float | None, hi: float | None) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "–"
-    return f"{100 * p:.0f}% [{100 * (lo or 0):.0f}–{100 * (hi or 0):.0f}]"
-
-
-def _num(x: float | None, fmt: str = "{:+.2f}") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return fmt.format(x)
-
-
-def print_evaluation(summary: dict[str, Any], console: Any = None) -> None:
-    """The evaluation table (base vs tuned per bucket), selectivity, the plot's path, the UI."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(width=max(120, Console().width))
-    ev = summary.get("evaluation")
-    if not ev:
-        console.print("[yellow]No evaluation results in this run.[/yellow]")
-    else:
-        table = Table(
-            title=f"Promptless evaluation on {ev.get('n_problems', '?')} held-out problems "
-            "(latent prompt, greedy; 95% Wilson intervals)"
-        )
-        for col, just in (
-            ("bucket", "left"),
-            ("model", "left"),
-            ("n", "right"),
-            ("glyph emergence", "right"),
-            ("valid structure", "right"),
-            ("accuracy", "right"),
-            ("mean tokens", "right"),
-        ):
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
-        previous = None
-        for r in ev["rows"]:
-            if previous is not None and r["group"] != previous:
-                table.add_section()
-            previous = r["group"]
-            table.add_row(
-                r["group"],
-                r["model"],
-                str(r["n"]),
-                _rate(r["emergence"], r["emergence_lo"], r["emergence_hi"]),
-                _rate(r["valid"], r["valid_lo"], r["valid_hi"]),
-                _rate(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]),
-                _num(r["mean_tokens"], "{:.0f}"),
-            )
-        console.print(table)
-        for model, sel in ev.get("selectivity", {}).items():
-            console.print(
-                f"selectivity, {model}: emergence hard − easy {_num(sel.get('emergence_hard_minus_easy'))}, "
-                f"AUROC(glyph use ~ difficulty) {_num(sel.get('auroc_glyph_vs_difficulty'), '{:.2f}')}, "
-                f"AUROC(valid ~ difficulty) {_num(sel.get('valid_auroc_vs_difficulty'), '{:.2f}')}"
-            )
-        console.print(f"plot:    {ev['plot']}")
-        console.print(f"metrics: {ev['metrics']}")
-    flow_run = summary.get("flow_run") or {}
-    if flow_run.get("ui_url"):
-        console.print(
-            f"Prefect UI: {flow_run['ui_url']}  (flow run [bold]{flow_run.get('name')}[/bold], "
-            f"id {flow_run.get('id')}; all runs: {flow_run.get('server', '')}/runs)"
-        )
-    elif flow_run.get("id"):
-        console.print(
-            f"flow run {flow_run.get('name')} ({flow_run.get('id')}) ran on Prefect's temporary server; "
-            "run without --no-server to keep a UI (`glyph server start`)."
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Markdown
-
-
-def markdown_report(summary: dict[str, Any], plot_ref: str | None) -> str:
-    """A short report: what ran, the stage table, the evaluation table, selectivity, the plot."""
-    lines = [f"# glyph run — profile `{summary['profile']}`", ""]
-    lines.append(f"Store: `{summary['store']}` · flow {summary['seconds']:.1f} s")
-    flow_run = summary.get("flow_run") or {}
-    if flow_run.get("id"):
-        where = f" ({flow_run['ui_url']})" if flow_run.get("ui_url") else ""
-        lines.append(f"Prefect flow run `{flow_run.get('name')}` `{flow_run['id']}`{where}")
-    lines += [
-        "",
-        "## Stages",
-        "",
-        "| stage | status | seconds | rows in → out | artifact |",
-        "|---|---|---:|---:|---|",
-    ]
-    for r in summary["stages"]:
-        status = "Cached" if r["cached"] else "ran"
-        lines.append(
-            f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} | `{r['uri']}` |"
-        )
-    ev = summary.get("evaluation")
-    if ev:
-        lines += [
-            "",
-            "## Evaluation (base vs tuned, held-out problems, latent prompt)",
-            "",
-            "Rates with 95% Wilson intervals.",
-            "",
-            ev["table_md"].rstrip(),
-            "",
-            "Selectivity:",
-            "",
-        ]
-        for model, sel in ev.get("selectivity", {}).items():
-            lines.append(
-                f"- {model}: emergence hard − easy {_num(sel.get('emergence_hard_minus_easy'))}, "
-                f"AUROC of glyph use vs difficulty {_num(sel.get('auroc_glyph_vs_difficulty'), '{:.2f}')}"
-            )
-        if plot_ref:
-            lines += ["", f"![Glyph emergence and accuracy by bucket]({plot_ref})"]
-        lines += ["", f"Metrics: `{ev['metrics']}`"]
-    return "\n".join(lines) + "\n"
+from glyph_cli.common import StoreOpt, fail
+from glyph_cli.run_summary import load_last, markdown_report, open_store, print_evaluation, print_summary
+from glyph_core.errors import GlyphError
+from glyph_core.storage import StorageError
 
 
 def write_report(summary: dict[str, Any], out: Path) -> Path:
@@ -210,10 +21,8 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
     plot_ref = None
     ev = summary.get("evaluation")
     if ev and ev.get("plot"):
-        from glyph_core.storage import StorageError
-
         try:
-            data = _store(summary["store"]).read_bytes(ev["plot"])
+            data = open_store(summary["store"]).read_bytes(ev["plot"])
         except StorageError:
             data = b""
         if data:
@@ -225,23 +34,16 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
 
 
 def report_cmd(
-    store: str | None = typer.Option(
-        None, "--store", help="local directory or s3://bucket/prefix (default $GLYPH_STORE or .glyph/store)"
-    ),
+    store: StoreOpt = None,
     out: Path | None = typer.Option(
         None, "--out", help="Markdown file to write (default report.md beside last.json; ./report.md for S3)"
     ),
 ) -> None:
     """Print the last run's tables again and write a short Markdown report with the plot."""
-    from glyph_core.errors import GlyphError
-
     try:
         summary, uri = load_last(store)
     except GlyphError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    from glyph_cli.pipeline import print_summary
-
+        fail(exc)
     print_summary(summary)
     print_evaluation(summary)
     if out is None:

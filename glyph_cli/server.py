@@ -32,7 +32,8 @@ from typing import Annotated
 
 import typer
 
-from tasks.caching import pid_alive
+from glyph_cli.common import fail
+from glyph_core.pids import pid_alive
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -66,7 +67,7 @@ def prefect_home() -> Path:
     if env:
         return Path(env).expanduser()
     try:
-        from prefect.settings import get_current_settings
+        from prefect.settings import get_current_settings  # ~1 s to import: only when PREFECT_HOME is unset
 
         return Path(get_current_settings().home).expanduser()
     except Exception:  # pragma: no cover - prefect missing or settings unreadable
@@ -305,8 +306,7 @@ def _server_start(
     try:
         info = ensure_server(host, port)
     except ServerError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     typer.echo(f"Prefect UI: {info.ui_url}   (PREFECT_API_URL={info.api_url})")
 
 

@@ -1,4 +1,4 @@
-"""The evaluate stage (DESIGN §2): promptless glyph emergence on held-out problems.
+"""The evaluate stage: promptless glyph emergence on held-out problems.
 
 The question is whether the tuned student *chooses* the glyph structure on its own, and more
 on hard problems than on easy ones. So:
@@ -40,9 +40,11 @@ from glyph_core.answers import extract_answer, is_equivalent
 from glyph_core.config import BUCKETS, EvalConfig, TeacherConfig
 from glyph_core.errors import GlyphError
 from glyph_core.glyphs import ORDER, has_any_glyph, parse_trace, validate_trace
+from glyph_core.models import check_model_dir, resolve_base_model
+from glyph_core.outputs import Progress, StageOutput, StageStats, Timer, ref_of
 from glyph_core.prompts import TEMPLATE_HASH, latent_messages
 from glyph_core.storage import DatasetRef, ModelRef, Store, stage_key
-from glyph_core.train import check_model_dir, resolve_base_model
+from glyph_core.teachers import make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -471,8 +473,6 @@ class EvalModels:
 
     def teacher_for(self, model: str) -> tuple[Any, str | None]:
         """The teacher that serves ``model`` (the base or the tuned path) and the adapter to ask for."""
-        from glyph_core.teachers import make_teacher
-
         on_base = model == self.base_path or model == self.adapter
         owner = self.base_path if on_base else model
         if self._teacher is not None and self._serves != owner:
@@ -615,7 +615,7 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# stage wrapper
+# the stage (declared in glyph_core/stages.py)
 
 
 def _base_key(problems_ref: DatasetRef, base_model: str, cfg: EvalConfig) -> str:
@@ -628,11 +628,11 @@ def _base_key(problems_ref: DatasetRef, base_model: str, cfg: EvalConfig) -> str
     )
 
 
-def evaluate_key(problems_ref: DatasetRef, model_ref: ModelRef, cfg: EvalConfig) -> str:
+def key(cfg: EvalConfig, *, problems: DatasetRef, model: ModelRef) -> str:
     return stage_key(
         "evaluate",
         VERSION,
-        {"problems": problems_ref.sha256, "model": model_ref.sha256, "prompts": TEMPLATE_HASH},
+        {"problems": problems.sha256, "model": model.sha256, "prompts": TEMPLATE_HASH},
         cfg.key_dump(),
     )
 
@@ -651,7 +651,7 @@ def _cached_completions(store: Store, key: str, compute: Any) -> pa.Table:
     return table
 
 
-def run_evaluate(
+def evaluate_refs(
     store: Store,
     problems_ref: DatasetRef,
     model_ref: ModelRef,
@@ -665,7 +665,7 @@ def run_evaluate(
     """
     problems = store.read_table(problems_ref)
     selected = select_problems(problems, cfg)  # empty set fails before any download or load
-    key = evaluate_key(problems_ref, model_ref, cfg)
+    out_key = key(cfg, problems=problems_ref, model=model_ref)
     base_model = model_ref.base_model
     tuned_dir: str | None = None
     if model_ref.kind != "base":
@@ -686,7 +686,7 @@ def run_evaluate(
             tuned = tuned_dir
             parts.append(
                 _cached_completions(
-                    store, key, lambda: generate_completions(selected, tuned, TUNED_LABEL, cfg, models)
+                    store, out_key, lambda: generate_completions(selected, tuned, TUNED_LABEL, cfg, models)
                 )
             )
     extra = {
@@ -698,16 +698,48 @@ def run_evaluate(
         "prompt_hash": TEMPLATE_HASH,
     }
     result = report(pa.concat_tables(parts), extra)
-    scored_ref = store.write_table(result.completions, "evaluate", key, "scored.parquet")
-    table_ref = store.write_table(result.table, "evaluate", key, "table.parquet")
-    store.publish_bytes(store.uri("evaluate", key, "table.md"), markdown_table(result.table).encode())
-    store.publish_bytes(store.uri("evaluate", key, "emergence_accuracy.png"), result.plot_png)
-    metrics_uri = store.write_json(result.metrics, "evaluate", key, "metrics.json")
+    scored_ref = store.write_table(result.completions, "evaluate", out_key, "scored.parquet")
+    table_ref = store.write_table(result.table, "evaluate", out_key, "table.parquet")
+    store.publish_bytes(store.uri("evaluate", out_key, "table.md"), markdown_table(result.table).encode())
+    store.publish_bytes(store.uri("evaluate", out_key, "emergence_accuracy.png"), result.plot_png)
+    metrics_uri = store.write_json(result.metrics, "evaluate", out_key, "metrics.json")
     result.paths = {
         "completions": scored_ref.uri,
         "table": table_ref.uri,
-        "table_md": store.uri("evaluate", key, "table.md"),
-        "plot": store.uri("evaluate", key, "emergence_accuracy.png"),
+        "table_md": store.uri("evaluate", out_key, "table.md"),
+        "plot": store.uri("evaluate", out_key, "emergence_accuracy.png"),
         "metrics": metrics_uri,
     }
     return result
+
+
+def run(
+    store: Store,
+    cfg: EvalConfig,
+    *,
+    problems: DatasetRef,
+    model: ModelRef,
+    progress: Progress | None = None,
+) -> StageOutput:
+    """Base against tuned on the held-out problems: emergence, structure, accuracy, selectivity.
+
+    `progress` is accepted like every stage's and not called yet (generation reports per batch
+    in the log)."""
+    timer = Timer()
+    result = evaluate_refs(store, problems, model, cfg)
+    refs: dict[str, DatasetRef | ModelRef] = {
+        "table": ref_of(store, result.paths["table"]),
+        "completions": ref_of(store, result.paths["completions"]),
+    }
+    extra: dict[str, Any] = {k: v for k, v in result.paths.items() if k not in ("table", "completions")}
+    for name, value in result.metrics.items():
+        if isinstance(value, int | float | str) and len(extra) < 40:
+            extra[name] = value
+    return StageOutput(
+        stage="evaluate",
+        key=key(cfg, problems=problems, model=model),
+        refs=refs,
+        stats=StageStats(
+            rows_in=problems.rows, rows_out=result.completions.num_rows, seconds=timer.seconds, extra=extra
+        ),
+    )

@@ -15,7 +15,7 @@ Cheap vectorised checks (1, 2) run first; 3–4 run per trace, in a process pool
 table is large. Traces are sorted by problem id before chunking, so each gold answer is parsed
 once per worker (memoised in :mod:`glyph_core.answers`). A trace whose ``id`` is not in the
 problems table is a :class:`SchemaError`; one whose problem is held out is a
-:class:`LeakageError` (held-out problems must never reach generate, DESIGN §2).
+:class:`LeakageError` (held-out problems must never reach generate; README.md, "Data, splits and difficulty").
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ from glyph_core.answers import answer_from_final, extract_answer, is_equivalent
 from glyph_core.config import FilterConfig
 from glyph_core.errors import LeakageError, SchemaError
 from glyph_core.glyphs import parse_trace, validate_trace
+from glyph_core.outputs import Progress, StageOutput, StageStats, Timer
+from glyph_core.storage import DatasetRef, Store, stage_key
+
+VERSION = "1"
+"""Bump when this module changes what the stage writes (Prefect's TASK_SOURCE cannot see it)."""
 
 CHECK_ORDER: tuple[str, ...] = ("truncated", "too_long", "bad_structure", "wrong_answer", "duplicate")
 DROP_REASONS = CHECK_ORDER  # the drops table lists every reason, in check order
@@ -87,12 +92,11 @@ def filter_traces(
     problems: pa.Table,
     cfg: FilterConfig,
     *,
-    require_structure: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> FilterResult:
     """Apply the checks in :data:`CHECK_ORDER`; ``progress(n)`` is called as n traces are done.
 
-    ``require_structure=False`` skips the glyph check, for natural-prompt generations.
+    ``cfg.require_structure=False`` skips the glyph check, for natural-prompt generations.
     """
     _require(traces, TRACE_COLUMNS, "traces")
     _require(problems, ("id", "answer", "split"), "problems")
@@ -124,7 +128,7 @@ def filter_traces(
     completions = traces["completion"].to_pylist()
     todo = sorted((i for i in range(n) if reason[i] is None), key=lambda i: ids[i])
     items = [(completions[i] or "", gold_of[ids[i]]) for i in todo]
-    codes = _run_checks(items, _workers(cfg), require_structure, progress)
+    codes = _run_checks(items, _workers(cfg), cfg.require_structure, progress)
     for i, code in zip(todo, codes, strict=True):
         if code == _BAD_STRUCTURE:
             reason[i] = "bad_structure"
@@ -175,3 +179,48 @@ def _run_checks(
             if progress:
                 progress(len(chunk))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage (declared in glyph_core/stages.py)
+
+
+def key(cfg: FilterConfig, *, traces: DatasetRef, problems: DatasetRef) -> str:
+    return stage_key(
+        "filter", VERSION, {"problems": problems.sha256, "traces": traces.sha256}, cfg.key_dump()
+    )
+
+
+def run(
+    store: Store,
+    cfg: FilterConfig,
+    *,
+    traces: DatasetRef,
+    problems: DatasetRef,
+    progress: Progress | None = None,
+) -> StageOutput:
+    """Keep the traces with a correct answer and a valid structure; record every drop by reason."""
+    timer = Timer()
+    out_key = key(cfg, traces=traces, problems=problems)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, traces.rows)
+
+    result = filter_traces(store.read_table(traces), store.read_table(problems), cfg, progress=advance)
+    kept = store.write_table(result.kept, "filter", out_key, "kept.parquet")
+    drops = store.write_table(result.drops, "filter", out_key, "drops.parquet")
+    return StageOutput(
+        stage="filter",
+        key=out_key,
+        refs={"kept": kept, "drops": drops},
+        stats=StageStats(
+            rows_in=traces.rows,
+            rows_out=kept.rows,
+            drops={k: int(v) for k, v in result.drop_counts().items()},
+            seconds=timer.seconds,
+        ),
+    )

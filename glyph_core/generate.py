@@ -1,4 +1,4 @@
-"""The generate stage (DESIGN §2): a teacher writes traces for the training problems, in shards.
+"""The generate stage: a teacher writes traces for the training problems, in shards.
 
 Why shards keyed on content: a generation run is hours on a GPU and dies for reasons outside our
 control (OOM killer, preemption, a lost node). Each shard's output is published as soon as it
@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 from glyph_core.config import GenerateConfig
 from glyph_core.errors import GlyphError, StorageError
 from glyph_core.glyphs import validate_trace
+from glyph_core.outputs import Progress, StageOutput, StageStats, Timer
 from glyph_core.prompts import TEMPLATE_HASH, messages_for
 from glyph_core.storage import DatasetRef, Store, canonical_json, stage_key
-from glyph_core.teachers.base import Completion, GenRequest, Teacher
+from glyph_core.teachers import Completion, GenRequest, Teacher, make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ SCHEMA = pa.schema(
     ]
 )
 
-Progress = Callable[[int, int, int, float], None]
+ShardProgress = Callable[[int, int, int, float], None]
 """`(done_shards, total_shards, problems_done, tokens_per_s)`, called after every shard."""
 
 
@@ -121,8 +122,8 @@ def shard_key(problems: list[dict[str, Any]], cfg: GenerateConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def shard_uri(store: Store, key: str) -> str:
-    return store.uri(STAGE, "shards", key, "data.parquet")
+def shard_uri(store: Store, shard_k: str) -> str:
+    return store.uri(STAGE, "shards", shard_k, "data.parquet")
 
 
 def _sampling_json(cfg: GenerateConfig) -> str:
@@ -280,8 +281,6 @@ def generate_shard_group(
                 out.reused += 1
                 continue
             if teacher is None:
-                from glyph_core.teachers import make_teacher
-
                 teacher = make_teacher(cfg.teacher)
             t0 = time.perf_counter()
             table = generate_shard(teacher, shards[i], cfg)
@@ -296,13 +295,37 @@ def generate_shard_group(
     return out
 
 
+def group_cfg(cfg: GenerateConfig, worker: int, workers: int, gpus: int | None = None) -> GenerateConfig:
+    """The config worker `worker` uses: its own GPU when the transformers backend sees one per
+    worker (K threads in one process). `device` is not in any key, so the shards are the same
+    as on one device; a worker that sees a single GPU (a pinned child run) keeps the default."""
+    if cfg.teacher.backend != "transformers" or cfg.teacher.device is not None:
+        return cfg
+    if gpus is None:
+        import torch  # lazy: only a transformers fan-out needs it, and it is slow to import
+
+        gpus = torch.cuda.device_count()
+    if gpus >= workers:
+        teacher = cfg.teacher.model_copy(update={"device": f"cuda:{worker}"})
+        return cfg.model_copy(update={"teacher": teacher})
+    return cfg
+
+
+def run_group(
+    store: Store, cfg: GenerateConfig, *, worker: int, workers: int, problems: DatasetRef
+) -> dict[str, Any]:
+    """One worker's part of a fanned-out generate stage (the stage's `FanOut.run_group`): the
+    missing shards of group `worker` of `workers`, published one by one; returns the counts."""
+    return asdict(generate_shard_group(store, problems, group_cfg(cfg, worker, workers), worker, workers))
+
+
 # -- the stage ---------------------------------------------------------------------------------
 
 
-def generate_key(problems_ref: DatasetRef, cfg: GenerateConfig) -> str:
-    """The stage's output key. The prompt template hash is an input next to the problems,
-    because TASK_SOURCE cannot see the templates; the Prefect task should key on this too."""
-    inputs = {"problems": problems_ref.sha256, "templates": TEMPLATE_HASH}
+def key(cfg: GenerateConfig, *, problems: DatasetRef) -> str:
+    """The stage's output key (and its Prefect cache key). The prompt template hash is an input
+    next to the problems, because TASK_SOURCE cannot see the templates."""
+    inputs = {"problems": problems.sha256, "templates": TEMPLATE_HASH}
     return stage_key(STAGE, VERSION, inputs, cfg.key_dump())
 
 
@@ -310,7 +333,7 @@ def generate_traces(
     store: Store,
     problems_ref: DatasetRef,
     cfg: GenerateConfig,
-    progress: Progress | None = None,
+    progress: ShardProgress | None = None,
     teacher: Teacher | None = None,
 ) -> GenerateResult:
     """Generate (or reuse) every shard, then publish the concatenated traces table.
@@ -334,15 +357,13 @@ def generate_traces(
     gen_seconds = 0.0
     own_teacher = teacher is None
     try:
-        for i, (shard, key) in enumerate(zip(shards, keys, strict=True)):
-            uri = shard_uri(store, key)
+        for i, (shard, shard_k) in enumerate(zip(shards, keys, strict=True)):
+            uri = shard_uri(store, shard_k)
             table = _read_shard(store, uri, len(shard) * n)
             if table is not None:
                 reused += 1
             else:
                 if teacher is None:
-                    from glyph_core.teachers import make_teacher
-
                     teacher = make_teacher(cfg.teacher)
                 t0 = time.perf_counter()
                 table = generate_shard(teacher, shard, cfg)
@@ -359,7 +380,7 @@ def generate_traces(
             teacher.close()
 
     traces = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    ref = store.write_table(traces, STAGE, generate_key(problems_ref, cfg))
+    ref = store.write_table(traces, STAGE, key(cfg, problems=problems_ref))
     stats = trace_stats(traces, cfg)
     return GenerateResult(
         ref=ref,
@@ -408,3 +429,35 @@ def trace_stats(traces: pa.Table, cfg: GenerateConfig) -> dict[str, Any]:
         "empty": empty,
         "invalid_structure": invalid,
     }
+
+
+def run(
+    store: Store,
+    cfg: GenerateConfig,
+    *,
+    problems: DatasetRef,
+    progress: Progress | None = None,
+) -> StageOutput:
+    """Teacher traces for the training problems (sharded and resumable inside `generate_traces`)."""
+    timer = Timer()
+    out_key = key(cfg, problems=problems)
+
+    def shard_progress(done: int, total: int, *_: Any) -> None:
+        if progress is not None:
+            progress(done, total)
+
+    result = generate_traces(store, problems, cfg, progress=shard_progress)
+    extra: dict[str, Any] = {
+        "shards_total": result.shards_total,
+        "shards_generated": result.shards_generated,
+        "shards_reused": result.shards_reused,
+        "completion_tokens": result.completion_tokens,
+        "tokens_per_s": result.tokens_per_s,
+        **{f"error_{k}": v for k, v in result.errors.items()},
+    }
+    return StageOutput(
+        stage=STAGE,
+        key=out_key,
+        refs={"traces": result.ref},
+        stats=StageStats(rows_in=result.problems, rows_out=result.rows, seconds=timer.seconds, extra=extra),
+    )

@@ -1,9 +1,13 @@
-"""Training on several GPUs: `train_sft` run by `accelerate launch` in a child process.
+"""The launcher: `train_sft` in this process, or on every rank of `accelerate launch`.
+
+It sits between the trainer (`glyph_core.trainer`, which knows nothing of how it is started)
+and the train stage (`glyph_core.train`, which keys and publishes), as TRL's CLI sits above its
+`sft.py` script (docs/design.md, "Train").
 
 Why a child process: data-parallel training needs one process per GPU, started with the world
 size, ranks and rendezvous that `accelerate launch` sets up (DDP by default; FSDP or DeepSpeed
 through an accelerate config file named in ``GLYPH_ACCELERATE_CONFIG``). The child runs
-:mod:`glyph_core.train_worker`, which calls the same :func:`glyph_core.train.train_sft` with the
+:mod:`glyph_core.train_worker`, which calls the same :func:`glyph_core.trainer.train_sft` with the
 same config and output directory, so the checkpoints (``output_dir/checkpoints``) and the final
 artifact (``output_dir/model`` with its manifest) have the one-process layout, and a rerun
 resumes from the last checkpoint exactly as the inline path does. Only rank 0 writes the
@@ -12,6 +16,10 @@ artifact; the parent reads it back once every rank has exited.
 ``TrainConfig.launcher``: ``auto`` trains in this process for ``num_gpus == 1`` and launches
 for more; ``accelerate`` forces the launch (one process on CPU in the tests); ``inline`` forces
 the in-process path (one GPU only).
+
+Progress: rank 0 of the child writes ``output_dir/progress.json`` after every step; the parent
+polls it while the child runs and hands it to its own ``progress`` callback, so the train
+stage's progress artifact moves on several GPUs as it does in one process.
 
 NVLink multicast stays off in the child (NCCL_NVLS_ENABLE=0 and friends): the lent hosts'
 documentation asks for it, and DDP's all-reduce does not need it.
@@ -22,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +42,15 @@ import pyarrow.parquet as pq
 from glyph_core.config import TrainConfig
 from glyph_core.errors import GlyphError
 from glyph_core.storage import DatasetRef, Store
+from glyph_core.trainer import MANIFEST_NAME, MODEL_SUBDIR, StepProgress, TrainResult, train_sft
 
 log = logging.getLogger(__name__)
 
 ARGS_NAME = "launch.json"
 METRICS_NAME = "metrics.parquet"
 ROWS_NAME = "sft.parquet"
+PROGRESS_NAME = "progress.json"
+PROGRESS_POLL_S = 1.0
 ENV_CONFIG = "GLYPH_ACCELERATE_CONFIG"
 NO_MULTICAST = {
     "NCCL_NVLS_ENABLE": "0",
@@ -60,14 +72,12 @@ def uses_launcher(cfg: TrainConfig) -> bool:
 def _on_cpu(cfg: TrainConfig) -> bool:
     if cfg.device:
         return cfg.device == "cpu"
-    import torch
+    import torch  # slow to import; only a launch without an explicit device needs it
 
     return not torch.cuda.is_available()
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -99,18 +109,57 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch_train(
+def progress_writer(output_dir: str | Path) -> StepProgress:
+    """The child's side: `progress(step, total)` published atomically as ``progress.json``."""
+    path = Path(output_dir) / PROGRESS_NAME
+
+    def write(step: int, total: int) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step, "total": total}))
+        os.replace(tmp, path)
+
+    return write
+
+
+def _relay_progress(
+    path: Path, progress: StepProgress | None, seen: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The parent's side: hand a new ``progress.json`` on to `progress`; returns what it saw."""
+    if progress is None or not path.exists():
+        return seen
+    try:
+        data = json.loads(path.read_text())
+        now = (int(data["step"]), int(data["total"]))
+    except (OSError, ValueError, KeyError, TypeError):  # replaced while read: the next poll sees it
+        return seen
+    if now != seen:
+        progress(*now)
+    return now
+
+
+def run_training(
     sft_rows: pa.Table | DatasetRef,
     cfg: TrainConfig,
     output_dir: str | Path,
     *,
     store: Store | None = None,
     data_sha256: str | None = None,
-) -> Any:
-    """`train_sft` through `accelerate launch`; returns a `TrainResult` read back from disk
-    (``model`` is None: the weights live in the child)."""
-    from glyph_core.train import MANIFEST_NAME, TrainResult
-
+    keep_model: bool = True,
+    progress: StepProgress | None = None,
+) -> TrainResult:
+    """`train_sft` in this process, or through `accelerate launch` (see `uses_launcher`); the
+    arguments are `train_sft`'s. Launched, the `TrainResult` is read back from disk (``model``
+    is None: the weights live in the child)."""
+    if not uses_launcher(cfg):
+        return train_sft(
+            sft_rows,
+            cfg,
+            output_dir,
+            store=store,
+            data_sha256=data_sha256,
+            keep_model=keep_model,
+            progress=progress,
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     args: dict[str, Any] = {"cfg": cfg.model_dump(mode="json"), "output_dir": str(output_dir)}
@@ -127,14 +176,26 @@ def launch_train(
     args_path = output_dir / ARGS_NAME
     args_path.write_text(json.dumps(args, indent=2, sort_keys=True))
 
+    progress_path = output_dir / PROGRESS_NAME
+    progress_path.unlink(missing_ok=True)
+
     cmd = accelerate_command(cfg, args_path)
     log.info("launching %d training process(es): %s", cfg.num_gpus, " ".join(cmd))
-    proc = subprocess.run(cmd, env=child_env(), check=False)
-    if proc.returncode != 0:
+    proc = subprocess.Popen(cmd, env=child_env())
+    seen: tuple[int, int] | None = None
+    while True:
+        try:
+            returncode: int | None = proc.wait(timeout=PROGRESS_POLL_S)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        seen = _relay_progress(progress_path, progress, seen)
+        if returncode is not None:
+            break
+    if returncode != 0:
         raise RuntimeError(  # not a GlyphError: a retry resumes from the checkpoints
-            f"accelerate launch exited {proc.returncode}; rerun to resume from {output_dir}/checkpoints"
+            f"accelerate launch exited {returncode}; rerun to resume from {output_dir}/checkpoints"
         )
-    model_dir = output_dir / "model"
+    model_dir = output_dir / MODEL_SUBDIR
     manifest_path = model_dir / MANIFEST_NAME
     if not manifest_path.exists():
         raise RuntimeError(f"accelerate launch exited 0 but left no {manifest_path}")
@@ -142,20 +203,3 @@ def launch_train(
     metrics = pq.read_table(output_dir / METRICS_NAME)
     (output_dir / METRICS_NAME).unlink()
     return TrainResult(model_dir=model_dir, manifest=manifest, metrics=metrics, kind=manifest["kind"])
-
-
-def train(
-    sft_rows: pa.Table | DatasetRef,
-    cfg: TrainConfig,
-    output_dir: str | Path,
-    *,
-    store: Store | None = None,
-    data_sha256: str | None = None,
-    keep_model: bool = True,
-) -> Any:
-    """`train_sft` in this process, or through `accelerate launch` (see `uses_launcher`)."""
-    if uses_launcher(cfg):
-        return launch_train(sft_rows, cfg, output_dir, store=store, data_sha256=data_sha256)
-    from glyph_core.train import train_sft
-
-    return train_sft(sft_rows, cfg, output_dir, store=store, data_sha256=data_sha256, keep_model=keep_model)

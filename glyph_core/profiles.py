@@ -9,19 +9,20 @@ stage later hashes into its cache key, and a typo fails before anything runs (`e
   steps, a few evaluation problems. Seconds per stage on a 2-core CPU.
 - `demo`: SmolLM2-135M-Instruct (alias `smollm2-135m`) on the real local data (the Hub when
   `../shared/data` is absent), sized by measurement for ~4 minutes of pipeline on 2 CPU cores
-  (docs/demo.md): 19 SFT rows × 3 epochs of LoRA, 13 held-out problems, base vs tuned.
+  (README.md, "The demo"): 19 SFT rows × 3 epochs of LoRA, 13 held-out problems, base vs tuned.
 - `full`: Hub data at pinned revisions, Qwen2.5-7B-Instruct as teacher and student, vLLM.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, create_model
 
 from glyph_core.config import (
     NOT_IN_KEY,
@@ -36,21 +37,18 @@ from glyph_core.config import (
     UnifyConfig,
 )
 from glyph_core.errors import GlyphError
+from glyph_core.stages import Stage, stages
 
 PROFILES: tuple[str, ...] = ("tiny", "demo", "full")
 
 
 class PipelineConfig(StrictModel):
-    """Everything one pipeline run needs besides the store. Stage configs are hashed into their
-    own stage's key only; the fields below them steer how the flow runs, not what it computes."""
+    """Everything one pipeline run needs besides the store: one field per declared stage, named
+    after it and holding its config (added by `pipeline_config_model` from the declarations in
+    glyph_core/stages.py), and the fields below, which steer how the flow runs, not what it
+    computes. Stage configs are hashed into their own stage's key only."""
 
     profile: str = "custom"
-    unify: UnifyConfig = UnifyConfig()
-    generate: GenerateConfig = GenerateConfig()
-    filter: FilterConfig = FilterConfig()
-    rewrite: RewriteConfig = RewriteConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvalConfig = EvalConfig()
     # Orchestration only (never part of a stage key).
     gpu_pool: str | None = Field(
         default=None,
@@ -63,6 +61,36 @@ class PipelineConfig(StrictModel):
     retry_delay_s: float = Field(
         default=2.0, ge=0, json_schema_extra=NOT_IN_KEY, description="first backoff delay"
     )
+
+    def stage_config(self, name: str) -> StrictModel:
+        """The config of stage `name`."""
+        value = getattr(self, name)
+        if not isinstance(value, StrictModel):
+            raise GlyphError(f"{name!r} is not a stage of this pipeline config")
+        return value
+
+
+@functools.cache
+def _model_for(declared: tuple[Stage, ...]) -> type[PipelineConfig]:
+    # `register` keeps stage names out of RESERVED, which lists this model's own fields.
+    fields: dict[str, Any] = {
+        s.name: (s.config, Field(default_factory=s.config, description=s.help)) for s in declared
+    }
+    return create_model("PipelineConfig", __base__=PipelineConfig, **fields)
+
+
+def pipeline_config_model() -> type[PipelineConfig]:
+    """`PipelineConfig` with one field per declared stage (built once per set of stages)."""
+    return _model_for(stages())
+
+
+def _build(**fields: Any) -> PipelineConfig:
+    return pipeline_config_model().model_validate(fields)
+
+
+def default_store_root() -> str:
+    """`$GLYPH_STORE`, else `./.glyph/store` (git-ignored): embedded, nothing to start."""
+    return os.environ.get("GLYPH_STORE") or str(Path(".glyph") / "store")
 
 
 def repo_root() -> Path:
@@ -85,7 +113,7 @@ def local_data_dir_or_hub() -> str | None:
 
 
 def _tiny() -> PipelineConfig:
-    return PipelineConfig(
+    return _build(
         profile="tiny",
         unify=UnifyConfig(
             data_dir=default_data_dir(), max_train_per_source=4, max_test_per_source=2, svamp_holdout=300
@@ -114,7 +142,7 @@ def _tiny() -> PipelineConfig:
 
 
 def _demo() -> PipelineConfig:
-    """Sized for ~5 minutes of pipeline on 2 CPU cores (docs/demo.md has the measurements).
+    """Sized for ~5 minutes of pipeline on 2 CPU cores (README.md, "The demo", has the measurements).
 
     Why these numbers: CPU LoRA on SmolLM2-135M runs at ~150 tokens/s with 2 threads at batch 1,
     so training gets a budget of ~15k tokens: 12 problems per source → ~17 SFT rows, truncated
@@ -124,7 +152,7 @@ def _demo() -> PipelineConfig:
     per (source, bucket), 128 new tokens, which is enough to see whether a completion *starts*
     with the glyph structure but often too short for a complete, valid trace.
     """
-    return PipelineConfig(
+    return _build(
         profile="demo",
         unify=UnifyConfig(data_dir=local_data_dir_or_hub(), max_train_per_source=12, max_test_per_source=8),
         generate=GenerateConfig(
@@ -155,7 +183,7 @@ def _demo() -> PipelineConfig:
 
 def _full() -> PipelineConfig:
     qwen = "Qwen/Qwen2.5-7B-Instruct"
-    return PipelineConfig(
+    return _build(
         profile="full",
         unify=UnifyConfig(data_dir=None),
         generate=GenerateConfig(
@@ -217,7 +245,7 @@ def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any]) -> Pipeli
             raise GlyphError(f"unknown setting {dotted!r}")
         node[parts[-1]] = value
     try:
-        return PipelineConfig.model_validate(data)
+        return pipeline_config_model().model_validate(data)
     except Exception as exc:  # pydantic's message names the field and the bad value
         raise GlyphError(f"invalid override: {exc}") from exc
 

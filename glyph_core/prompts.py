@@ -1,4 +1,4 @@
-"""The three prompts of DESIGN §1.
+"""The three prompts (README.md, "The glyph protocol and the prompts").
 
 The glyph prompt asks the teacher for the structure explicitly; the latent prompt is what the
 student sees in training and evaluation and must never mention tags or symbols (a test checks

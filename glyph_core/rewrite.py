@@ -1,6 +1,6 @@
 """Build SFT rows: latent prompt -> glyph trace for hard problems, -> natural answer for easy ones.
 
-The student must learn *when* to use glyphs, not only how (DESIGN §1), so the user turn is
+The student must learn *when* to use glyphs, not only how (README.md, "The glyph protocol and the prompts"), so the user turn is
 always the clean latent prompt (no mention of symbols), and the assistant turn is
 
 * ``kind="glyph"``: a kept teacher trace, for problems whose bucket is at or above
@@ -30,7 +30,12 @@ import pyarrow as pa
 from glyph_core.config import BUCKETS, RewriteConfig
 from glyph_core.errors import LeakageError, SchemaError
 from glyph_core.glyphs import has_any_glyph
-from glyph_core.prompts import latent_messages
+from glyph_core.outputs import Progress, StageOutput, StageStats, Timer, count_values
+from glyph_core.prompts import TEMPLATE_HASH, latent_messages
+from glyph_core.storage import DatasetRef, Store, stage_key
+
+VERSION = "1"
+"""Bump when this module changes what the stage writes (Prefect's TASK_SOURCE cannot see it)."""
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SFT_SCHEMA = pa.schema([("id", pa.string()), ("kind", pa.string()), ("messages", pa.list_(MESSAGE))])
@@ -148,3 +153,39 @@ def rewrite(
 
     random.Random(cfg.seed).shuffle(rows)
     return RewriteResult(table=pa.Table.from_pylist(rows, schema=SFT_SCHEMA), stats=stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage (declared in glyph_core/stages.py)
+
+
+def key(cfg: RewriteConfig, *, kept: DatasetRef, problems: DatasetRef) -> str:
+    """The latent prompt is written into every SFT row, so the templates' hash is an input."""
+    inputs = {"kept": kept.sha256, "problems": problems.sha256, "templates": TEMPLATE_HASH}
+    return stage_key("rewrite", VERSION, inputs, cfg.key_dump())
+
+
+def run(
+    store: Store,
+    cfg: RewriteConfig,
+    *,
+    kept: DatasetRef,
+    problems: DatasetRef,
+    progress: Progress | None = None,
+) -> StageOutput:
+    """SFT rows: latent prompt → glyph trace for hard problems, → natural answer for easy ones."""
+    timer = Timer()
+    out_key = key(cfg, kept=kept, problems=problems)
+    result = rewrite(store.read_table(kept), store.read_table(problems), cfg)
+    ref = store.write_table(result.table, "rewrite", out_key, "sft.parquet")
+    return StageOutput(
+        stage="rewrite",
+        key=out_key,
+        refs={"sft": ref},
+        stats=StageStats(
+            rows_in=kept.rows,
+            rows_out=ref.rows,
+            seconds=timer.seconds,
+            extra={"kinds": count_values(result.table, "kind"), **dict(result.stats)},
+        ),
+    )

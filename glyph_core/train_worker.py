@@ -3,8 +3,9 @@
     python -m accelerate.commands.launch --num_processes N -m glyph_core.train_worker ARGS.json
 
 ARGS.json holds the train config, the output directory and the rows (a store root and a
-DatasetRef, or a Parquet path). Every rank calls `train_sft`; rank 0 writes the artifact and
-``metrics.parquet`` beside it for the parent to read.
+DatasetRef, or a Parquet path). Every rank calls `glyph_core.trainer.train_sft`; rank 0 writes
+the artifact, ``metrics.parquet`` beside it and ``progress.json`` after every step, for the
+parent to read.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from glyph_core.config import TrainConfig
-from glyph_core.launch import METRICS_NAME
+from glyph_core.launch import METRICS_NAME, progress_writer
 from glyph_core.storage import DatasetRef, Store
+from glyph_core.trainer import train_sft
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = pq.read_table(args["rows_path"])
 
-    from glyph_core.train import train_sft
-
     result = train_sft(
-        rows, cfg, output_dir, store=store, data_sha256=args.get("data_sha256"), keep_model=False
+        rows,
+        cfg,
+        output_dir,
+        store=store,
+        data_sha256=args.get("data_sha256"),
+        keep_model=False,
+        progress=progress_writer(output_dir),  # rank 0 only (the trainer's callback checks)
     )
     if result.manifest:  # rank 0 only (the other ranks return an empty manifest)
         pq.write_table(result.metrics, output_dir / METRICS_NAME)

@@ -55,8 +55,14 @@ import pyarrow as pa
 
 from glyph_core.config import UnifyConfig
 from glyph_core.errors import LeakageError, SchemaError
+from glyph_core.fingerprints import fingerprint_sources
+from glyph_core.outputs import Progress, StageOutput, StageStats, Timer, count_values
 from glyph_core.sources import SOURCES as KNOWN_SOURCES
 from glyph_core.sources import Record, load_source, unknown_source
+from glyph_core.storage import Store, stage_key
+
+VERSION = "1"
+"""Bump when this module changes what the stage writes (Prefect's TASK_SOURCE cannot see it)."""
 
 EASY_BELOW = 0.3
 HARD_FROM = 0.6
@@ -248,3 +254,35 @@ def unify(cfg: UnifyConfig, data_dir: str | Path | None = None) -> UnifyResult:
     for name in cfg.sources:
         records += load_source(name, root)
     return unify_records(records, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage (declared in glyph_core/stages.py)
+
+
+def key(cfg: UnifyConfig) -> str:
+    """Keyed on the sources' bytes (`fingerprint_sources`), not on where they are: `data_dir`
+    leaves the config part, so the same files at another path hit the same key."""
+    config = {k: v for k, v in cfg.key_dump().items() if k != "data_dir"}
+    return stage_key("unify", VERSION, {"sources": fingerprint_sources(cfg).sha256}, config)
+
+
+def run(store: Store, cfg: UnifyConfig, *, progress: Progress | None = None) -> StageOutput:
+    """Load and unify the sources into the problems table."""
+    timer = Timer()
+    out_key = key(cfg)
+    result = unify(cfg)
+    ref = store.write_table(result.table, "unify", out_key, "problems.parquet")
+    extra = {"splits": count_values(result.table, "split"), "buckets": count_values(result.table, "bucket")}
+    return StageOutput(
+        stage="unify",
+        key=out_key,
+        refs={"problems": ref},
+        stats=StageStats(
+            rows_in=result.table.num_rows + sum(result.dropped.values()),
+            rows_out=ref.rows,
+            drops={k: v for k, v in result.dropped.items() if v},
+            seconds=timer.seconds,
+            extra=extra,
+        ),
+    )

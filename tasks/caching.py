@@ -1,8 +1,8 @@
-"""Caching, result storage, locking and retries for the stage tasks (DESIGN §4).
+"""Caching, result storage, locking and retries for the stage tasks (docs/design.md, "The cache key").
 
-- `StageCachePolicy` keys a stage on `glyph_core.stages.stage_key_for`: stage name, explicit
-  version, sha256 of every input ref (never its path) and the config's `key_dump()`. It is the
-  same function that chooses the artifact's location, so a cache hit always names the artifact
+- `StageCachePolicy` keys a stage on its declared key function (`glyph_core.stages.Stage.key`):
+  stage name, explicit version, sha256 of every input ref (never its path) and the config's
+  `key_dump()`. It is the same function that chooses the artifact's location, so a cache hit always names the artifact
   written under the same key. It is combined with `TASK_SOURCE` (an edited task body reruns)
   and never with `RUN_ID` (results are reused across runs).
 - Results are persisted as JSON (`result_serializer="json"`) under `{store}/_prefect/results`:
@@ -36,7 +36,8 @@ from prefect.tasks import exponential_backoff
 from prefect.types._datetime import now
 
 from glyph_core.errors import GlyphError, StorageError
-from glyph_core.stages import stage_key_for
+from glyph_core.pids import pid_alive
+from glyph_core.stages import get
 from glyph_core.storage import _storage_options
 
 PREFECT_DIR = "_prefect"
@@ -44,7 +45,8 @@ PREFECT_DIR = "_prefect"
 
 @dataclass
 class StageCachePolicy(CachePolicy):
-    """Key = `stage_key_for(stage, task inputs)`: content of the inputs, not their paths."""
+    """Key = the stage's own key of the task's `cfg` and `refs`: content of the inputs, not their
+    paths (the task's other parameters, such as the store and the GPU pool, do not enter it)."""
 
     stage: str = ""
 
@@ -55,7 +57,7 @@ class StageCachePolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        return f"{self.stage}-{stage_key_for(self.stage, inputs)}"
+        return f"{self.stage}-{get(self.stage).key_for(inputs['cfg'], inputs['refs'])}"
 
 
 class LivenessFileLockManager(FileSystemLockManager):
@@ -126,16 +128,6 @@ class LivenessFileLockManager(FileSystemLockManager):
         return True
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stage_policy(stage: str, lock_dir: Path | None = None) -> CachePolicy:
     """The stage's cache policy, `+ TASK_SOURCE`, serialisable across concurrent runs."""
     policy = StageCachePolicy(stage=stage) + TASK_SOURCE
@@ -173,7 +165,7 @@ def lock_dir_for(store_root: str) -> Path:
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
-    """Network and storage errors of the libraries a stage may go through."""
+    """Network and storage errors of the libraries a stage may go through (each only if installed)."""
     types: list[type[BaseException]] = [StorageError, OSError, ConnectionError, TimeoutError]
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -236,35 +228,3 @@ def retry_options(retries: int, first_delay_s: float) -> dict[str, Any]:
         "retry_jitter_factor": 0.5 if first_delay_s else None,
         "retry_condition_fn": retry_on_transient,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# test hooks: count real executions and inject failures, driven by the environment so they
-# also work in subprocesses and worker processes. Inert unless the variables are set.
-
-EXEC_LOG_ENV = "GLYPH_TEST_EXEC_LOG"
-FAIL_ENV = (
-    "GLYPH_TEST_FAIL"  # "stage:kind:marker" — fail once (until marker exists); kind transient|fatal|crash
-)
-
-
-def record_execution(stage: str) -> None:
-    path = os.environ.get(EXEC_LOG_ENV)
-    if path:
-        with open(path, "a") as fh:
-            fh.write(f"{stage}\n")
-
-
-def maybe_inject_failure(stage: str) -> None:
-    spec = os.environ.get(FAIL_ENV)
-    if not spec:
-        return
-    target, kind, marker = spec.split(":", 2)
-    if target != stage or Path(marker).exists():
-        return
-    Path(marker).write_text(kind)
-    if kind == "transient":
-        raise OSError(f"injected transient failure in {stage}")
-    if kind == "crash":
-        os._exit(137)  # like the OOM killer: no exception handler, no cleanup
-    raise GlyphError(f"injected failure in {stage}")

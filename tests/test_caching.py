@@ -17,7 +17,7 @@ from flows.pipeline import refresh_set
 from glyph_core.config import FilterConfig
 from glyph_core.errors import GlyphError, SourceError, StorageError
 from glyph_core.profiles import apply_overrides, load_profile, parse_sets
-from glyph_core.stages import STAGES, stage_key_for
+from glyph_core.stages import get, names
 from glyph_core.storage import DatasetRef
 from tasks.caching import LivenessFileLockManager, StageCachePolicy, is_transient, retry_on_transient
 
@@ -26,33 +26,27 @@ def _ref(uri: str, sha: str = "a" * 64) -> DatasetRef:
     return DatasetRef(uri=uri, sha256=sha, rows=3)
 
 
+def _inputs(store: str, traces: DatasetRef, problems: DatasetRef, cfg: FilterConfig) -> dict:
+    """The filter task's parameters, as the cache policy receives them."""
+    return {"store": store, "cfg": cfg, "refs": {"traces": traces, "problems": problems}, "gpu_pool": None}
+
+
 def test_cache_key_is_content_not_path() -> None:
     policy = StageCachePolicy(stage="filter")
     cfg = FilterConfig()
-    a = policy.compute_key(
-        None, {"store": "/x", "traces": _ref("/a/t"), "problems": _ref("/a/p"), "cfg": cfg}, {}
-    )  # type: ignore[arg-type]
-    b = policy.compute_key(
-        None, {"store": "/y", "traces": _ref("/b/t"), "problems": _ref("/b/p"), "cfg": cfg}, {}
-    )  # type: ignore[arg-type]
+    a = policy.compute_key(None, _inputs("/x", _ref("/a/t"), _ref("/a/p"), cfg), {})  # type: ignore[arg-type]
+    b = policy.compute_key(None, _inputs("/y", _ref("/b/t"), _ref("/b/p"), cfg), {})  # type: ignore[arg-type]
     assert a == b
-    c = policy.compute_key(  # type: ignore[arg-type]
-        None, {"store": "/x", "traces": _ref("/a/t", "b" * 64), "problems": _ref("/a/p"), "cfg": cfg}, {}
-    )
+    c = policy.compute_key(None, _inputs("/x", _ref("/a/t", "b" * 64), _ref("/a/p"), cfg), {})  # type: ignore[arg-type]
     assert c != a
     speed_only = FilterConfig(workers=7)  # NOT_IN_KEY: does not change the output
-    d = policy.compute_key(None, {"traces": _ref("/a/t"), "problems": _ref("/a/p"), "cfg": speed_only}, {})  # type: ignore[arg-type]
+    d = policy.compute_key(None, _inputs("/x", _ref("/a/t"), _ref("/a/p"), speed_only), {})  # type: ignore[arg-type]
     assert d == a
-    e = policy.compute_key(  # type: ignore[arg-type]
-        None,
-        {"traces": _ref("/a/t"), "problems": _ref("/a/p"), "cfg": FilterConfig(max_completion_tokens=5)},
-        {},
-    )
+    changed = FilterConfig(max_completion_tokens=5)
+    e = policy.compute_key(None, _inputs("/x", _ref("/a/t"), _ref("/a/p"), changed), {})  # type: ignore[arg-type]
     assert e != a
     # The Prefect key embeds the same stage key that names the artifact's folder.
-    assert a == "filter-" + stage_key_for(
-        "filter", {"traces": _ref("/a/t"), "problems": _ref("/a/p"), "cfg": cfg}
-    )
+    assert a == "filter-" + get("filter").key(cfg, traces=_ref("/a/t"), problems=_ref("/a/p"))
 
 
 @pytest.mark.parametrize(
@@ -76,8 +70,8 @@ def test_retry_only_transient_failures(exc: BaseException, expected: bool) -> No
 def test_refresh_set_includes_later_stages() -> None:
     assert refresh_set(None) == set()
     assert refresh_set(["filter"]) == {"filter", "rewrite", "train", "evaluate"}
-    assert refresh_set(["train", "generate"]) == set(STAGES[1:])
-    assert refresh_set(["all"]) == set(STAGES)
+    assert refresh_set(["train", "generate"]) == set(names()[1:])
+    assert refresh_set(["all"]) == set(names())
     with pytest.raises(GlyphError, match="unknown stage"):
         refresh_set(["filtr"])
 

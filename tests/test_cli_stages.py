@@ -9,16 +9,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from glyph_cli import stages
+from glyph_cli import stage_commands
 from glyph_core.glyphs import format_trace
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "200"})  # rich wraps long option names in narrow help
 
 
 @pytest.fixture
 def app() -> typer.Typer:
     app = typer.Typer()
-    stages.register(app)
+    stage_commands.register(app)
     return app
 
 
@@ -35,8 +35,9 @@ def test_help(app: typer.Typer) -> None:
 
 def test_unify_filter_rewrite_chain(app: typer.Typer, tiny_data_dir: Path, tmp_path: Path) -> None:
     problems = tmp_path / "problems.parquet"
+    store = ["--store", str(tmp_path / "store")]
     res = runner.invoke(
-        app, ["unify", "--data-dir", str(tiny_data_dir), "-o", str(problems), "--svamp-holdout", "10"]
+        app, ["unify", "--data-dir", str(tiny_data_dir), "-o", str(tmp_path), "--svamp-holdout", "10", *store]
     )
     assert res.exit_code == 0, res.output
     p = pq.read_table(problems)
@@ -59,7 +60,8 @@ def test_unify_filter_rewrite_chain(app: typer.Typer, tiny_data_dir: Path, tmp_p
     rows[0]["completion"] = rows[0]["completion"] + "9"  # wrong answer
     traces = tmp_path / "traces.parquet"
     pq.write_table(pa.Table.from_pylist(rows), traces)
-    kept, drops = tmp_path / "kept.parquet", tmp_path / "drops.parquet"
+    out = tmp_path / "filtered"
+    kept, drops = out / "kept.parquet", out / "drops.parquet"
     res = runner.invoke(
         app,
         [
@@ -69,11 +71,10 @@ def test_unify_filter_rewrite_chain(app: typer.Typer, tiny_data_dir: Path, tmp_p
             "--problems",
             str(problems),
             "-o",
-            str(kept),
-            "--drops",
-            str(drops),
+            str(out),
             "--workers",
             "1",
+            *store,
         ],
     )
     assert res.exit_code == 0, res.output
@@ -97,11 +98,12 @@ def test_unify_filter_rewrite_chain(app: typer.Typer, tiny_data_dir: Path, tmp_p
             "--problems",
             str(problems),
             "-o",
-            str(sft),
+            str(tmp_path),
             "--glyph-min-bucket",
             "medium",
             "--natural-ratio",
             "1",
+            *store,
         ],
     )
     assert res.exit_code == 0, res.output
@@ -114,7 +116,10 @@ def test_failing_unify_keeps_existing_output(app: typer.Typer, tiny_data_dir: Pa
     out.write_bytes(b"previous good output")
     with open(tiny_data_dir / "math" / "test.jsonl", "a", encoding="utf-8") as fh:
         fh.write("{broken\n")
-    res = runner.invoke(app, ["unify", "--data-dir", str(tiny_data_dir), "-o", str(out)])
+    store = str(tiny_data_dir.parent / "store")
+    res = runner.invoke(
+        app, ["unify", "--data-dir", str(tiny_data_dir), "-o", str(tmp_path), "--store", store]
+    )
     assert res.exit_code == 1
     assert "test.jsonl" in res.output and "line 31" in res.output
     assert out.read_bytes() == b"previous good output"
@@ -122,12 +127,13 @@ def test_failing_unify_keeps_existing_output(app: typer.Typer, tiny_data_dir: Pa
 
 
 def test_bad_config_and_missing_inputs(app: typer.Typer, tiny_data_dir: Path, tmp_path: Path) -> None:
+    store = ["--store", str(tmp_path / "store")]
     res = runner.invoke(
-        app, ["unify", "--data-dir", str(tiny_data_dir), "-o", str(tmp_path / "p.parquet"), "-s", "aime"]
+        app, ["unify", "--data-dir", str(tiny_data_dir), "-o", str(tmp_path), "--sources", "aime", *store]
     )
-    assert res.exit_code == 1 and "aime" in res.output
+    assert res.exit_code != 0 and "aime" in res.output
     res = runner.invoke(
-        app, ["filter", "--traces", str(tmp_path / "none.parquet"), "--problems", str(tmp_path / "x")]
+        app, ["filter", "--traces", str(tmp_path / "none.parquet"), "--problems", str(tmp_path / "x"), *store]
     )
     assert res.exit_code == 1 and "none.parquet" in res.output
-    assert not (tmp_path / "p.parquet").exists()
+    assert not (tmp_path / "problems.parquet").exists()

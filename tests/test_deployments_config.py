@@ -1,6 +1,7 @@
-"""Fast checks of the deployment side (issue 6) without a server: prefect.yaml and
-automations.yaml are valid and say what the design says, the GPU dispatch helper routes as
-configured, and the dataset watcher emits only on change (prefect_test_harness).
+"""Fast checks of the deployment side without a server: prefect.yaml and automations.yaml are
+valid and say what docs/design.md says, the GPU dispatch routes as configured, the child flows
+are derived from the GPU stages' declarations, and the dataset watcher emits only on change
+(prefect_test_harness).
 
 The real server, workers, UI and triggers are exercised in tests/integration.
 """
@@ -105,7 +106,7 @@ def test_crash_automation_is_proactive_on_the_gpu_pool() -> None:
     ],
 )
 def test_configured_deployment(monkeypatch: pytest.MonkeyPatch, explicit, env, expected) -> None:
-    from flows.gpu_stages import ENV_DEPLOYMENT, configured_deployment
+    from tasks.dispatch import ENV_DEPLOYMENT, configured_deployment
 
     if env is None:
         monkeypatch.delenv(ENV_DEPLOYMENT, raising=False)
@@ -114,33 +115,65 @@ def test_configured_deployment(monkeypatch: pytest.MonkeyPatch, explicit, env, e
     assert configured_deployment(explicit) == expected
 
 
-def test_dispatch_or_inline_runs_inline_without_a_gpu_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows import gpu_stages
+def test_execute_runs_inline_without_a_gpu_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from glyph_core.stages import get
+    from tasks import dispatch
 
     calls = []
-    monkeypatch.delenv(gpu_stages.ENV_DEPLOYMENT, raising=False)
-    monkeypatch.setitem(gpu_stages.RUNNERS, "train", lambda store, **kw: calls.append((store, kw)) or "out")
-    monkeypatch.setattr(gpu_stages, "dispatch", lambda *a, **k: pytest.fail("dispatched"))
-    assert gpu_stages.dispatch_or_inline("train", "STORE", sft="ref", cfg="cfg", progress=None) == "out"
-    assert calls == [("STORE", {"sft": "ref", "cfg": "cfg"})]
-    with pytest.raises(ValueError, match="not a GPU stage"):
-        gpu_stages.dispatch_or_inline("filter", "STORE")
+    monkeypatch.delenv(dispatch.ENV_DEPLOYMENT, raising=False)
+    monkeypatch.setattr(
+        dispatch, "run_here", lambda stage, store, cfg, refs, progress: calls.append(stage.name) or "out"
+    )
+    monkeypatch.setattr(dispatch, "dispatch", lambda *a, **k: pytest.fail("dispatched"))
+    assert dispatch.execute(get("train"), "STORE", get("train").config(), {"sft": "ref"}) == "out"
+    # a CPU stage never goes to the GPU pool, whatever is configured
+    monkeypatch.setenv(dispatch.ENV_DEPLOYMENT, "gpu")
+    assert dispatch.execute(get("filter"), "STORE", get("filter").config(), {}, deployment="gpu") == "out"
+    assert calls == ["train", "filter"]
 
 
-def test_dispatch_or_inline_dispatches_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows import gpu_stages
+def test_execute_dispatches_gpu_stages_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from glyph_core.stages import get
+    from tasks import dispatch
 
     seen = {}
-    monkeypatch.setenv(gpu_stages.ENV_DEPLOYMENT, "gpu")
+    monkeypatch.setenv(dispatch.ENV_DEPLOYMENT, "gpu")
+    monkeypatch.setattr(dispatch, "run_here", lambda *a, **k: pytest.fail("ran inline"))
     monkeypatch.setattr(
-        gpu_stages, "dispatch", lambda stage, store, target, **kw: seen.update(t=target, kw=kw)
+        dispatch,
+        "dispatch",
+        lambda stage, store, target, cfg, refs: seen.update(s=stage.name, t=target, refs=refs),
     )
-    gpu_stages.dispatch_or_inline("generate", "STORE", problems="p", cfg="c", progress=print)
-    assert seen == {"t": "gpu", "kw": {"problems": "p", "cfg": "c"}}
+    dispatch.execute(get("evaluate"), "STORE", get("evaluate").config(), {"problems": "p", "model": "m"})
+    assert seen == {"s": "evaluate", "t": "gpu", "refs": {"problems": "p", "model": "m"}}
+
+
+def test_child_flows_are_derived_from_the_gpu_stages() -> None:
+    """One flow per GPU stage, its parameters the store, the stage's input refs (typed as the
+    runner declares them) and its config; the fan-out stage also takes `group`."""
+    import inspect
+
+    from flows.gpu_stages import STAGE_FLOWS
+    from glyph_core.config import EvalConfig, GenerateConfig
+    from glyph_core.stages import stages
+    from glyph_core.storage import DatasetRef, ModelRef
+
+    assert set(STAGE_FLOWS) == {s.name for s in stages() if s.gpu} == {"generate", "train", "evaluate"}
+    evaluate = inspect.signature(STAGE_FLOWS["evaluate"].fn).parameters
+    assert list(evaluate) == ["store", "problems", "model", "cfg"]
+    assert (evaluate["problems"].annotation, evaluate["model"].annotation) == (DatasetRef, ModelRef)
+    assert evaluate["cfg"].annotation is EvalConfig
+    generate = inspect.signature(STAGE_FLOWS["generate"].fn).parameters
+    assert (
+        list(generate) == ["store", "problems", "cfg", "group"]
+        and generate["cfg"].annotation is GenerateConfig
+    )
+    schema = STAGE_FLOWS["train"].parameters.model_dump()
+    assert schema["required"] == ["store", "sft", "cfg"]
 
 
 def test_dispatch_tag_depends_on_parent_stage_and_parameters() -> None:
-    from flows.gpu_stages import dispatch_tag
+    from tasks.children import dispatch_tag
 
     a = dispatch_tag("run-1", "train", {"sft": {"sha256": "x"}})
     assert a == dispatch_tag("run-1", "train", {"sft": {"sha256": "x"}})
@@ -154,7 +187,9 @@ def test_dispatch_tag_depends_on_parent_stage_and_parameters() -> None:
 
 
 def test_fingerprint_local_sees_edits_additions_and_removals(tmp_path: Path) -> None:
-    from flows.watcher import diff, fingerprint_local
+    from flows.watcher import diff
+    from glyph_core.errors import GlyphError
+    from glyph_core.fingerprints import fingerprint_local
 
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "train.jsonl").write_text('{"q": 1}\n')
@@ -169,7 +204,7 @@ def test_fingerprint_local_sees_edits_additions_and_removals(tmp_path: Path) -> 
         ["gsm8k"],
         ["math"],
     )
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(GlyphError, match="source folder missing"):
         fingerprint_local(tmp_path, "math")
 
 

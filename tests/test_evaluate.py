@@ -208,7 +208,7 @@ def tiny() -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny) -> tuple[Store, ModelRef]:
-    from glyph_core.train import run_train
+    from glyph_core import train
 
     root = tmp_path_factory.mktemp("evalstore")
     store = Store(root)
@@ -216,7 +216,7 @@ def trained(tmp_path_factory, tiny) -> tuple[Store, ModelRef]:
     cfg = TrainConfig(
         base_model=tiny, max_steps=2, batch_size=2, grad_accum=1, lora=LoraConfig(r=4, alpha=8), num_threads=2
     )
-    return store, run_train(store, ref, cfg, work_dir=root / "work")
+    return store, train.run(store, cfg, sft=ref, work_dir=root / "work").refs["model"]
 
 
 def test_adapter_for_another_base_is_rejected(tmp_path, trained, tiny):
@@ -255,7 +255,7 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, trained, 
         )
     empty_ref = store.write_table(train_only, "unify", "t")
     with pytest.raises(GlyphError, match="empty evaluation set"):
-        ev.run_evaluate(store, empty_ref, ref, EvalConfig())
+        ev.evaluate_refs(store, empty_ref, ref, EvalConfig())
 
 
 def test_base_vs_tuned_end_to_end(tmp_path, trained, tiny):
@@ -289,29 +289,29 @@ def test_run_evaluate_caches_the_base_model_apart(monkeypatch, trained, tiny):
         return real(problems, model, label, cfg, models)
 
     monkeypatch.setattr(ev, "generate_completions", counting)
-    first = ev.run_evaluate(store, problems_ref, ref, cfg)
+    first = ev.evaluate_refs(store, problems_ref, ref, cfg)
     assert calls == ["base", "tuned"]
     assert first.paths["plot"].endswith("emergence_accuracy.png") and store.exists(first.paths["plot"])
     assert store.exists(first.paths["metrics"])
 
     calls.clear()
-    again = ev.run_evaluate(store, problems_ref, ref, cfg.model_copy(update={"batch_size": 2}))
+    again = ev.evaluate_refs(store, problems_ref, ref, cfg.model_copy(update={"batch_size": 2}))
     assert calls == []  # same key (batch_size is not in it): everything cached
     assert again.completions.equals(first.completions)
 
     # A re-trained model reuses the base completions and generates only its own.
-    from glyph_core.train import run_train
+    from glyph_core import train
 
     manifest = store.read_json(f"{ref.uri}/manifest.json")
     sft_ref = store.write_table(_sft_rows(), "rewrite", "y")
     cfg2 = TrainConfig(**{**manifest["config"], "seed": 1})
-    retrained = run_train(store, sft_ref, cfg2)
+    retrained = train.run(store, cfg2, sft=sft_ref).refs["model"]
     assert retrained.sha256 != ref.sha256
     calls.clear()
-    ev.run_evaluate(store, problems_ref, retrained, cfg)
+    ev.evaluate_refs(store, problems_ref, retrained, cfg)
     assert calls == ["tuned"]
     calls.clear()
-    ev.run_evaluate(store, problems_ref, ref, cfg.model_copy(update={"max_new_tokens": 3}))
+    ev.evaluate_refs(store, problems_ref, ref, cfg.model_copy(update={"max_new_tokens": 3}))
     assert calls == ["base", "tuned"]  # a config change that alters outputs recomputes both
 
 
@@ -325,53 +325,32 @@ def test_cli_train_then_evaluate(tmp_path, tiny):
     pq.write_table(_sft_rows(), sft)
     problems = tmp_path / "problems.parquet"
     pq.write_table(problems_table(), problems)
-    runner = CliRunner()
+    runner = CliRunner(env={"COLUMNS": "200"})
+    store = ["--store", str(tmp_path / "store")]
     res = runner.invoke(
         app,
-        [
-            "train",
-            str(sft),
-            "-o",
-            str(tmp_path / "run"),
-            "--base-model",
-            tiny,
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--grad-accum",
-            "1",
-            "--lora-r",
-            "4",
-            "--threads",
-            "2",
-        ],
-    )
+        ["train", "--sft", str(sft), "-o", str(tmp_path / "run"), "--base-model", tiny, "--max-steps", "2",
+         "--batch-size", "2", "--grad-accum", "1", "--lora-r", "4", "--num-threads", "2", *store],
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
     model_dir = tmp_path / "run" / "model"
     assert (model_dir / "adapter_config.json").exists()
     res = runner.invoke(
         app,
-        [
-            "evaluate",
-            str(problems),
-            "--model",
-            str(model_dir),
-            "--base-model",
-            tiny,
-            "--per-bucket",
-            "1",
-            "--max-new-tokens",
-            "4",
-            "-o",
-            str(tmp_path / "eval"),
-        ],
-    )
+        ["evaluate", "--problems", str(problems), "--model", str(model_dir), "--per-bucket", "1",
+         "--max-new-tokens", "4", "-o", str(tmp_path / "eval"), *store],
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "eval" / "emergence_accuracy.png").is_file()
-    assert (tmp_path / "eval" / "table.md").read_text().count("| tuned |") == 4  # 3 buckets + all
+    assert (tmp_path / "eval" / "table.parquet").is_file() and (
+        tmp_path / "eval" / "completions.parquet"
+    ).is_file()
+    (key_dir,) = (tmp_path / "store" / "evaluate").glob("*/emergence_accuracy.png")
+    assert (key_dir.parent / "table.md").read_text().count("| tuned |") == 4  # 3 buckets + all
+    assert "Promptless evaluation" in res.output
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": "x", "messages": [{"role": "user", "content": "q"}]}]), bad)
-    res = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "r2"), "--base-model", tiny])
+    res = runner.invoke(
+        app, ["train", "--sft", str(bad), "-o", str(tmp_path / "r2"), "--base-model", tiny, *store]
+    )
     assert res.exit_code == 1 and "no assistant turn" in res.output

@@ -79,7 +79,7 @@ def test_every_reason_listed_even_when_zero() -> None:
 def test_natural_traces_skip_structure() -> None:
     t = traces([("p1", 0, "She makes 9 * 2 = $18.\nThe answer is 18.", "stop", 10)])
     assert filter_traces(t, PROBLEMS, FilterConfig(workers=1)).drop_counts()["bad_structure"] == 1
-    res = filter_traces(t, PROBLEMS, FilterConfig(workers=1), require_structure=False)
+    res = filter_traces(t, PROBLEMS, FilterConfig(workers=1, require_structure=False))
     assert res.kept.num_rows == 1
 
 

@@ -290,14 +290,15 @@ def test_cli_generate_reference_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "traces.parquet"
     args = [
         "generate",
+        "--problems",
         str(problems),
         "-o",
-        str(out),
+        str(tmp_path),
         "--store",
         str(tmp_path / "st"),
         "--shard-size",
         "4",
-        "--n",
+        "--teacher-n",
         "2",
     ]
     first = _cli(args)
@@ -313,15 +314,16 @@ def test_cli_generate_transformers_tiny(tmp_path: Path, tiny_model: Path) -> Non
     problems = tmp_path / "problems.parquet"
     pq.write_table(problems_table(real_problem_rows(per_source=1)), problems)
     out = tmp_path / "traces.parquet"
-    res = _cli(["generate", str(problems), "-o", str(out), "--store", str(tmp_path / "st"), "--backend",
-                "transformers", "--model", str(tiny_model), "--max-new-tokens", "3", "--temperature", "0"])  # fmt: skip
+    res = _cli(["generate", "--problems", str(problems), "-o", str(tmp_path), "--store", str(tmp_path / "st"),
+                "--teacher-backend", "transformers", "--teacher-model", str(tiny_model), "--teacher-max-new-tokens", "3",
+                "--teacher-temperature", "0"])  # fmt: skip
     assert res.exit_code == 0, res.output
     table = pq.read_table(out)
     assert table.num_rows == 3 and set(table["finish_reason"].to_pylist()) <= {"stop", "length"}
 
 
 def test_cli_generate_bad_input_is_a_clean_error(tmp_path: Path) -> None:
-    res = _cli(["generate", str(tmp_path / "missing.parquet"), "--store", str(tmp_path / "st")])
+    res = _cli(["generate", "--problems", str(tmp_path / "missing.parquet"), "--store", str(tmp_path / "st")])
     assert res.exit_code == 1 and "not found" in res.output
 
 
@@ -330,9 +332,9 @@ def test_cli_generate_smollm2(tmp_path: Path) -> None:
     problems = tmp_path / "problems.parquet"
     pq.write_table(problems_table(real_problem_rows(per_source=1)), problems)
     out = tmp_path / "traces.parquet"
-    res = _cli(["generate", str(problems), "-o", str(out), "--store", str(tmp_path / "st"), "--backend",
-                "transformers", "--model", "smollm2-135m", "--max-new-tokens", "48", "--temperature", "0",
-                "--batch-size", "3"])  # fmt: skip
+    res = _cli(["generate", "--problems", str(problems), "-o", str(tmp_path), "--store", str(tmp_path / "st"),
+                "--teacher-backend", "transformers", "--teacher-model", "smollm2-135m", "--teacher-max-new-tokens", "48",
+                "--teacher-temperature", "0", "--teacher-batch-size", "3"])  # fmt: skip
     assert res.exit_code == 0, res.output
     table = pq.read_table(out)
     assert table.num_rows == 3

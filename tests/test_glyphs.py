@@ -1,4 +1,4 @@
-"""The glyph protocol of DESIGN §1: every violation is named, valid traces round-trip."""
+"""The glyph protocol (README.md, "The glyph protocol and the prompts"): every violation is named, valid traces round-trip."""
 
 import pytest
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from glyph_core import launch
+from glyph_core import launch, train
 from glyph_core.config import GenerateConfig, TeacherConfig, TrainConfig
 from glyph_core.errors import GlyphError
 from glyph_core.generate import generate_shard_group, generate_traces, shard_group
+from glyph_core.outputs import ref_of
+from glyph_core.stages import get
 from glyph_core.storage import Store
-from glyph_core.train import run_train, train_key
 from tests import fixtures_models as fm
 from tests.fixtures_models import publish_problems, real_problem_rows
 from tests.test_train import cfg_for
@@ -70,22 +71,22 @@ def test_final_pass_fills_in_only_a_dead_workers_shards(store: Store) -> None:
 
 
 def test_inline_fan_out_with_two_workers(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.gpu_stages import dispatch_or_inline
+    from tasks.dispatch import execute
 
     monkeypatch.delenv("GLYPH_GPU_DEPLOYMENT", raising=False)
     ref = publish_problems(store, real_problem_rows(per_source=3))  # 9 problems
     cfg = GenerateConfig(teacher=TeacherConfig(backend="reference", n=2), shard_size=2, workers=2)
-    out = dispatch_or_inline("generate", store, problems=ref, cfg=cfg)
+    out = execute(get("generate"), store, cfg, {"problems": ref})
     assert out.stats.extra["shards_total"] == 5
     assert out.stats.extra["shards_reused"] == 5 and out.stats.extra["shards_generated"] == 0
-    assert out.stats.extra["shards_generated_by_workers"] == 5
+    assert out.stats.extra["groups_generated"] == 5 and out.stats.extra["workers"] == 2
     assert out.stats.extra["groups_lost"] == 0
-    single = dispatch_or_inline("generate", store, problems=ref, cfg=cfg.model_copy(update={"workers": 1}))
+    single = execute(get("generate"), store, cfg.model_copy(update={"workers": 1}), {"problems": ref})
     assert single.ref == out.ref and single.key == out.key
 
 
 def test_group_cfg_pins_one_gpu_per_worker_for_transformers() -> None:
-    from flows.fanout import group_cfg
+    from glyph_core.generate import group_cfg
 
     cfg = GenerateConfig(teacher=TeacherConfig(backend="transformers"), workers=2)
     assert group_cfg(cfg, 1, 2, gpus=2).teacher.device == "cuda:1"
@@ -106,8 +107,8 @@ def test_num_gpus_is_in_the_key_and_launcher_is_not(tmp_path: Path) -> None:
 
     ref = Store(tmp_path).write_table(sft_rows(4), "rewrite", "k")
     cfg = _train_cfg("tiny-random")
-    assert train_key(ref, cfg.model_copy(update={"num_gpus": 2})) != train_key(ref, cfg)
-    assert train_key(ref, cfg.model_copy(update={"launcher": "accelerate"})) == train_key(ref, cfg)
+    assert train.key(cfg.model_copy(update={"num_gpus": 2}), sft=ref) != train.key(cfg, sft=ref)
+    assert train.key(cfg.model_copy(update={"launcher": "accelerate"}), sft=ref) == train.key(cfg, sft=ref)
     assert not launch.uses_launcher(cfg)
     assert launch.uses_launcher(cfg.model_copy(update={"num_gpus": 2}))
     with pytest.raises(GlyphError):
@@ -132,11 +133,16 @@ def test_accelerate_launch_matches_inline_and_resumes(tmp_path: Path) -> None:
     cfg = _train_cfg(tiny, launcher="accelerate")
     work = tmp_path / "work"
 
-    # a first launch that stops at step 3 (as a killed run would have), leaving checkpoint-3
-    first = launch.train(ref, cfg.model_copy(update={"max_steps": 3}), work, store=st)
+    # a first launch that stops at step 3 (as a killed run would have), leaving checkpoint-3;
+    # the child's steps reach the parent's progress callback through progress.json
+    steps: list[tuple[int, int]] = []
+    first = launch.run_training(
+        ref, cfg.model_copy(update={"max_steps": 3}), work, store=st, progress=lambda *a: steps.append(a)
+    )
     assert first.model is None and (work / "checkpoints" / "checkpoint-3").is_dir()
+    assert steps and steps[-1] == (3, 3) and steps == sorted(set(steps)), steps
     # the stage reruns in the same work dir: the child resumes and publishes
-    model_ref = run_train(st, ref, cfg, work_dir=work)
+    model_ref = train.run(st, cfg, sft=ref, work_dir=work).refs["model"]
     manifest = st.read_json(f"{model_ref.uri}/manifest.json")
     assert manifest["resumed_from"].endswith("checkpoint-3")
     metrics = st.read_table(_metrics_ref(st, ref, cfg))
@@ -147,7 +153,9 @@ def test_accelerate_launch_matches_inline_and_resumes(tmp_path: Path) -> None:
     inline_store = Store(tmp_path / "inline")
     inline_ref = inline_store.write_table(sft_rows(12), "rewrite", "k")
     inline_cfg = cfg.model_copy(update={"launcher": "inline"})
-    inline_model = run_train(inline_store, inline_ref, inline_cfg, work_dir=tmp_path / "work2")
+    inline_model = train.run(inline_store, inline_cfg, sft=inline_ref, work_dir=tmp_path / "work2").refs[
+        "model"
+    ]
     inline_manifest = inline_store.read_json(f"{inline_model.uri}/manifest.json")
     assert inline_model.uri.split("/train/")[1] == model_ref.uri.split("/train/")[1]  # same key
     assert set(manifest["files"]) == set(inline_manifest["files"])
@@ -162,12 +170,12 @@ def test_accelerate_launch_matches_inline_and_resumes(tmp_path: Path) -> None:
 def test_two_processes_over_gloo_write_one_artifact(tmp_path: Path) -> None:
     """Real data parallelism on CPU: two ranks, twice the rows per step, rank 0 saves."""
     from glyph_core.models import tiny_model_dir
-    from glyph_core.train import train_sft
+    from glyph_core.trainer import train_sft
     from tests.test_train import sft_rows
 
     tiny = str(tiny_model_dir("llama"))
     cfg = _train_cfg(tiny, max_steps=2, save_steps=2, num_threads=1)
-    two = launch.train(sft_rows(12), cfg.model_copy(update={"num_gpus": 2}), tmp_path / "two")
+    two = launch.run_training(sft_rows(12), cfg.model_copy(update={"num_gpus": 2}), tmp_path / "two")
     one = train_sft(sft_rows(12), cfg, tmp_path / "one", keep_model=False)
     assert two.manifest["config"]["num_gpus"] == 2 and two.manifest["metrics"]["steps"] == 2
     assert two.manifest["metrics"]["tokens_seen"] > 1.5 * one.manifest["metrics"]["tokens_seen"]
@@ -176,9 +184,7 @@ def test_two_processes_over_gloo_write_one_artifact(tmp_path: Path) -> None:
 
 
 def _metrics_ref(st: Store, ref, cfg):
-    from glyph_core.stages import _ref_of
-
-    return _ref_of(st, st.uri("train", train_key(ref, cfg), "metrics.parquet"))
+    return ref_of(st, st.uri("train", train.key(cfg, sft=ref), "metrics.parquet"))
 
 
 # -- benchmark ---------------------------------------------------------------------------------
@@ -204,16 +210,15 @@ def test_benchmark_refuses_without_two_gpus(tmp_path: Path) -> None:
 def test_deployed_fan_out_dispatches_k_children_and_survives_a_lost_one(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The parent side of the deployed fan-out with the Prefect calls faked: K child runs with
-    `shard_group=[w, K]`, one of which ends Failed; the final pass fills in its shards."""
+    """The parent side of the deployed fan-out with the Prefect calls faked (no server here):
+    K child runs with `group=[w, K]`, one of which ends Failed; the final pass, dispatched too,
+    fills in its shards."""
     import contextlib
     import types
     import uuid
 
-    import prefect
-    import prefect.deployments
-
-    import flows.gpu_stages as gs
+    import tasks.children as children
+    import tasks.dispatch as dispatch
 
     ref = publish_problems(store, real_problem_rows(per_source=4))  # 12 problems
     cfg = GenerateConfig(teacher=TeacherConfig(backend="reference"), shard_size=2, workers=3)  # 6 shards
@@ -223,44 +228,43 @@ def test_deployed_fan_out_dispatches_k_children_and_survives_a_lost_one(
     def fake_run_deployment(name, parameters, timeout, tags, job_variables=None, flow_run_name=None):
         calls.append({"name": name, "parameters": parameters, "tags": tags, "job_variables": job_variables})
         run_id = str(uuid.uuid4())
-        worker, workers = parameters["shard_group"]
+        worker, workers = parameters["group"]
         if worker == 1:
             lost.add(run_id)  # this GPU worker dies before publishing anything
-        else:
-            res = generate_shard_group(
+        else:  # what the child flow does (flows/gpu_stages.py run_child with a group)
+            counts = get("generate").fan_out.run_group(
                 Store(parameters["store"]),
-                type(ref).model_validate(parameters["problems"]),
                 GenerateConfig.model_validate(parameters["cfg"]),
-                worker,
-                workers,
+                worker=worker,
+                workers=workers,
+                problems=type(ref).model_validate(parameters["problems"]),
             )
             store.publish_bytes(
-                gs.result_uri(store, run_id, f"generate-group-{worker}"),
-                json.dumps({"generated": res.generated}).encode(),
+                children.result_uri(store, run_id, dispatch.group_result_name("generate", worker)),
+                json.dumps(counts).encode(),
             )
-        return types.SimpleNamespace(id=run_id)
+        return types.SimpleNamespace(id=run_id, name=f"run-{worker}")
 
     def fake_wait(run_id, logger=None, **_):
         if run_id in lost:
-            raise gs.StageRunFailed(f"{run_id} ended Failed")
+            raise children.StageRunFailed(f"{run_id} ended Failed")
 
-    monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
-    monkeypatch.setattr(prefect, "get_client", lambda **_: contextlib.nullcontext(None))
-    monkeypatch.setattr(gs, "_existing_child", lambda client, tag: None)
-    monkeypatch.setattr(gs, "wait_for_child", fake_wait)
+    monkeypatch.setattr(children, "run_deployment", fake_run_deployment)
+    monkeypatch.setattr(children, "get_client", lambda **_: contextlib.nullcontext(None))
+    monkeypatch.setattr(children, "existing_child", lambda client, tag: None)
+    monkeypatch.setattr(dispatch, "wait_for_child", fake_wait)
     final_calls: list[GenerateConfig] = []
-    real_runner = gs.RUNNERS["generate"]
 
-    def spy_dispatch(stage, st, target, **inputs):  # the final pass, sent to the GPU pool too
-        final_calls.append(inputs["cfg"])
-        return real_runner(st, **inputs)
+    def spy_dispatch(stage, st, target, cfg, refs):  # the final pass, sent to the GPU pool too
+        final_calls.append(cfg)
+        return dispatch.run_here(stage, st, cfg, refs)
 
-    monkeypatch.setattr(gs, "dispatch", spy_dispatch)
+    monkeypatch.setattr(dispatch, "dispatch", spy_dispatch)
 
     monkeypatch.setenv("GLYPH_FANOUT_GPUS", "0,1")
-    out = gs.dispatch_or_inline("generate", store, deployment="gpu-a100", problems=ref, cfg=cfg)
+    out = dispatch.execute(get("generate"), store, cfg, {"problems": ref}, deployment="gpu-a100")
     assert [c["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] for c in calls] == ["0", "1", "0"]
-    assert [c["parameters"]["shard_group"] for c in calls] == [[0, 3], [1, 3], [2, 3]]
+    assert [c["parameters"]["group"] for c in calls] == [[0, 3], [1, 3], [2, 3]]
     assert {c["name"] for c in calls} == {"glyph-generate/gpu-a100"}
     assert len({c["tags"][-1] for c in calls}) == 3  # one reattach tag per group
     assert [c.workers for c in final_calls] == [1]

@@ -304,9 +304,11 @@ def test_cli_generate_openai_backend(served: Served, tmp_path: Path) -> None:
     problems = tmp_path / "problems.parquet"
     pq.write_table(problems_table(real_problem_rows(per_source=1)), problems)
     out = tmp_path / "traces.parquet"
-    res = CliRunner().invoke(app, ["generate", str(problems), "-o", str(out), "--store", str(tmp_path / "st"),
-                                   "--backend", "openai", "--model", served.model, "--base-url", served.base_url,
-                                   "--max-new-tokens", "3", "--temperature", "0", "--n", "2"])  # fmt: skip
+    res = CliRunner().invoke(app, ["generate", "--problems", str(problems), "-o", str(tmp_path),
+                                   "--store", str(tmp_path / "st"), "--teacher-backend", "openai",
+                                   "--teacher-model", served.model, "--teacher-base-url", served.base_url,
+                                   "--teacher-max-new-tokens", "3", "--teacher-temperature", "0",
+                                   "--teacher-n", "2"])  # fmt: skip
     assert res.exit_code == 0, res.output
     table = pq.read_table(out)
     assert table.num_rows == 6 and set(table["finish_reason"].to_pylist()) == {"length"}

@@ -1,6 +1,6 @@
 """Flow semantics of the pipeline on a local store (prefect_test_harness, the `tiny` profile,
 the real stage functions): caching keyed on content, retries without redoing, refresh,
-crash safety and concurrent runs (DESIGN §4).
+crash safety and concurrent runs (docs/design.md, "The cache key").
 
 Executions are counted by the tasks' test hook (`GLYPH_TEST_EXEC_LOG`): a task body that runs
 appends its stage name, a cache hit does not, so "ran once" is a count, not an inference from
@@ -25,10 +25,12 @@ import pytest
 from pipeline_helpers import ExecLog, api_env, cached, exec_log, harness, make_tiny_data, real_data_dir, run  # noqa: F401
 
 from glyph_core.errors import GlyphError
-from glyph_core.stages import STAGES
-from tasks.caching import EXEC_LOG_ENV, FAIL_ENV
+from glyph_core.stages import names
+from tasks.faults import EXEC_LOG_ENV, FAULT_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+STAGES = names()
 
 
 @dataclass
@@ -48,7 +50,7 @@ def warm(harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wa
     log = ExecLog(root / "executions.log")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(EXEC_LOG_ENV, str(log.path))
-        mp.delenv(FAIL_ENV, raising=False)
+        mp.delenv(FAULT_DIR_ENV, raising=False)
         store = str(root / "store")
         cold = run(store, data)
         yield Warm(store=store, data=data, log=log, cold=cold, root=root)
@@ -63,6 +65,42 @@ def test_cold_run_runs_every_stage_once(warm: Warm) -> None:
     assert warm.log.counts() == Counter(STAGES)
     evaluate = warm.cold["stages"][-1]
     assert evaluate["rows_out"] > 0 and Path(evaluate["uri"]).is_file()
+
+
+def test_train_and_generate_report_progress_to_their_artifacts(warm: Warm) -> None:
+    """Every optimizer step of train and every shard of generate reaches the stage's progress
+    artifact (`glyph-<stage>-progress`), which ends at 100 %."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        for stage in ("train", "generate"):
+            (artifact,) = client.read_latest_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"glyph-{stage}-progress"]))
+            )
+            assert artifact.type == "progress" and artifact.data == 100.0, (stage, artifact)
+            assert artifact.description.startswith(f"{stage}: ")
+
+
+def test_a_declared_stage_joins_the_pipeline(warm: Warm) -> None:
+    """A test-only stage (tests/stage_example.py: a module, a config, one declaration) gets its
+    task, cache key, wiring and config from the declaration: it runs after the six cached ones
+    on the refs its inputs name, with a `--set` override, and comes back Cached next time."""
+    from glyph_core.stages import registered
+    from tests.stage_example import LENGTHS
+
+    with registered(LENGTHS):
+        before = warm.log.counts()
+        first = run(warm.store, warm.data, **{"lengths.min_chars": 5})
+        assert cached(first) == {**dict.fromkeys(STAGES, True), "lengths": False}
+        assert _ran(warm.log, before) == Counter(["lengths"])
+        rows = {r["stage"]: r for r in first["stages"]}
+        assert rows["lengths"]["rows_in"] == rows["rewrite"]["rows_out"]  # it got rewrite's sft
+        assert Path(rows["lengths"]["refs"]["lengths"]).is_file()
+        again = run(warm.store, warm.data, **{"lengths.min_chars": 5})
+        assert cached(again)["lengths"] is True
+        assert _ran(warm.log, before) == Counter(["lengths"])
+    assert [r["stage"] for r in run(warm.store, warm.data)["stages"]] == list(STAGES)
 
 
 def test_second_run_with_nothing_changed_is_all_cached(warm: Warm) -> None:
@@ -140,7 +178,8 @@ def test_transient_failure_is_retried_by_the_task(
     warm: Warm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A config change that gives filter a new key but the same output, so the rerun stays cheap.
-    monkeypatch.setenv(FAIL_ENV, f"filter:transient:{tmp_path / 'marker'}")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path))
+    (tmp_path / "filter.transient").touch()
     before = warm.log.counts()
     again = run(warm.store, warm.data, **{"filter.max_completion_tokens": 1000})
     assert cached(again)["filter"] is False
@@ -148,7 +187,8 @@ def test_transient_failure_is_retried_by_the_task(
 
 
 def test_glyph_error_is_not_retried(warm: Warm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(FAIL_ENV, f"filter:fatal:{tmp_path / 'marker'}")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path))
+    (tmp_path / "filter.fatal").touch()
     before = warm.log.counts()
     with pytest.raises(GlyphError, match="injected"):
         run(warm.store, warm.data, **{"filter.max_completion_tokens": 999})
@@ -240,7 +280,8 @@ def test_failure_in_train_then_flow_retry_reruns_only_train(
 
     data = make_tiny_data(real_data_dir(), tmp_path / "data")
     log = exec_log
-    monkeypatch.setenv(FAIL_ENV, f"train:fatal:{tmp_path / 'marker'}")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path))
+    (tmp_path / "train.fatal").touch()
     state = pipeline.with_options(retries=1, retry_delay_seconds=0)(
         profile="tiny", store=str(tmp_path / "store"), overrides=tiny_overrides(data), return_state=True
     )

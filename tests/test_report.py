@@ -1,7 +1,7 @@
 """`glyph report` and the on-demand Prefect server's port handling, without Prefect or a model.
 
 The evaluate artifacts are built by the real scoring and aggregation code (`score_rows`,
-`report`) from hand-written completions, stored the way `run_evaluate` stores them; the last-run
+`report`) from hand-written completions, stored the way `evaluate_refs` stores them; the last-run
 summary is saved by the same function `glyph run` uses. So the report reads exactly what a run
 leaves behind, in about a second.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from glyph_cli import report as report_mod
+from glyph_cli import run_summary
 from glyph_cli import server as server_mod
 from glyph_cli.main import app
 from glyph_core.evaluate import markdown_table, report, score_rows
@@ -84,8 +84,8 @@ def _fake_run(root: Path) -> dict[str, Any]:
             "ui_url": "http://127.0.0.1:4200/runs/flow-run/fdafed6f-0000-0000-0000-000000000000",
         },
     }
-    summary["evaluation"] = report_mod.evaluation_block(st.root, stages)
-    summary["last_run"] = report_mod.save_last(summary)
+    summary["evaluation"] = run_summary.evaluation_block(st.root, stages)
+    summary["last_run"] = run_summary.save_last(summary)
     summary["_table_md"] = markdown_table(result.table)
     return summary
 

@@ -1,4 +1,4 @@
-"""`glyph_core.storage` on a local directory, moto's S3 server and a real SeaweedFS (DESIGN §7).
+"""`glyph_core.storage` on a local directory, moto's S3 server and a real SeaweedFS (docs/design.md, "Storage").
 
 The property that matters most: a write that fails or is interrupted leaves nothing a later
 run trusts: no object at the final name, no model directory without its manifest, and any

@@ -217,7 +217,7 @@ def test_eval_models_one_teacher_for_an_adapter_two_in_turn_for_a_full_model(
     """`EvalModels` builds one teacher for base + adapter; for a full (merged) tuned model it
     closes the base's teacher before building the tuned one. Teachers are fakes (recording
     builds and closes), the directories real."""
-    import glyph_core.teachers as teachers
+    import glyph_core.evaluate as evaluate_module
     from glyph_core.config import EvalConfig
     from glyph_core.evaluate import EvalModels
 
@@ -231,7 +231,7 @@ def test_eval_models_one_teacher_for_an_adapter_two_in_turn_for_a_full_model(
         def close(self) -> None:
             events.append(f"close {Path(self.cfg.model).name}")
 
-    monkeypatch.setattr(teachers, "make_teacher", FakeTeacher)
+    monkeypatch.setattr(evaluate_module, "make_teacher", FakeTeacher)
     base, adapter = str(tiny_model), str(lora_adapter)
     with EvalModels(EvalConfig(), base, adapter) as models:
         t1, a1 = models.teacher_for(base)

@@ -15,17 +15,12 @@ import pyarrow as pa
 import pytest
 import torch
 
+from glyph_core import train
 from glyph_core.config import LoraConfig, TrainConfig
 from glyph_core.errors import GlyphError
+from glyph_core.models import check_model_dir
 from glyph_core.storage import Store
-from glyph_core.train import (
-    check_model_dir,
-    metrics_table,
-    run_train,
-    to_prompt_completion,
-    train_key,
-    train_sft,
-)
+from glyph_core.trainer import metrics_table, to_prompt_completion, train_sft
 
 torch.set_num_threads(2)
 
@@ -278,12 +273,16 @@ def test_merge_and_full_write_plain_model_dirs(tmp_path, tiny):
     assert full.metrics.num_rows == 3
 
 
-def test_run_train_publishes_model_and_metrics(tmp_path, tiny):
+def test_train_stage_publishes_model_and_metrics_and_reports_progress(tmp_path, tiny):
     store = Store(tmp_path / "store")
     sft_ref = store.write_table(sft_rows(4), "rewrite", "k1")
     cfg = cfg_for(tiny, max_steps=2)
-    ref = run_train(store, sft_ref, cfg, work_dir=tmp_path / "work")
-    key = train_key(sft_ref, cfg)
+    steps: list[tuple[int, int]] = []
+    out = train.run(store, cfg, sft=sft_ref, work_dir=tmp_path / "work", progress=lambda *a: steps.append(a))
+    assert steps == [(1, 2), (2, 2)]  # every optimizer step reaches the stage's progress callback
+    ref = out.refs["model"]
+    key = train.key(cfg, sft=sft_ref)
+    assert out.key == key and list(out.refs) == ["model", "metrics"]
     assert ref.uri == store.uri("train", key, "model") and ref.kind == "lora"
     manifest = store.read_json(f"{ref.uri}/manifest.json")
     assert manifest["data_sha256"] == sft_ref.sha256
@@ -293,8 +292,8 @@ def test_run_train_publishes_model_and_metrics(tmp_path, tiny):
     assert (local / "adapter_config.json").exists()
     assert not (tmp_path / "work").exists()  # the work dir is cleaned once published
     # A speed-only field does not change the key; a training field does.
-    assert train_key(sft_ref, cfg.model_copy(update={"num_threads": 1})) == key
-    assert train_key(sft_ref, cfg.model_copy(update={"learning_rate": 1e-4})) != key
+    assert train.key(cfg.model_copy(update={"num_threads": 1}), sft=sft_ref) == key
+    assert train.key(cfg.model_copy(update={"learning_rate": 1e-4}), sft=sft_ref) != key
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ what a model teacher adds), and its traces are correct by construction. Its guid
 takeaway are short templates, so its rows are labelled `teacher="reference"` and must never be
 mistaken for model output.
 
-Per source (the unified problem table of issue 2):
+Per source (the unified problem table, glyph_core/unify.py):
 * GSM8K: every solution line before `####` is a step, with the `<<a*b=c>>` calculator marks
   removed; the final answer is the `answer` column (the text after `####`).
 * MATH: the solution's sentences are steps (split outside `$…$`/`\\[…\\]` only, so a formula is
@@ -157,6 +157,9 @@ class ReferenceTeacher:
     """Deterministic, instant, needs no model: every sample of a request is the same trace."""
 
     name = "reference"
+
+    def __init__(self, cfg: object = None) -> None:
+        """Every backend is built from its `TeacherConfig`; this one needs nothing from it."""
 
     def generate(
         self, requests: list[GenRequest], n: int = 1, adapter: str | None = None

@@ -1,4 +1,4 @@
-"""Deployments end to end (issue 6): a real server, `glyph deploy`, real `cpu` and `gpu` workers.
+"""Deployments end to end (docs/design.md, "GPU stages"): a real server, `glyph deploy`, real `cpu` and `gpu` workers.
 
 Runs are created through the API the way the UI does it: "Run" posts
 `/deployments/{id}/create_flow_run`; "Retry" posts `/flow_runs/{id}/set_state` with a
@@ -182,7 +182,7 @@ def test_ui_retry_reruns_only_the_failed_gpu_stage(api: Stack) -> None:
     from prefect.states import State
 
     store = api.root / "store-retry"
-    (api.fault_dir / "train.fail").touch()
+    (api.fault_dir / "train.fatal").touch()
     created = create_run(PIPELINE, {"profile": "tiny", "store": str(store)})
     failed = wait_final(created.id)
     assert failed.state.is_failed(), describe(failed)

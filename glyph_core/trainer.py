@@ -1,0 +1,427 @@
+"""The trainer: supervised fine-tuning of the student on chat-format SFT rows with TRL + PEFT.
+
+It knows nothing of stores, keys or how it is launched (like TRL's own `sft.py` script): the
+launcher (`glyph_core.launch`) runs it in this process or on every rank of `accelerate launch`,
+and the train stage (`glyph_core.train`) keys, publishes and reports it (docs/design.md, "Train").
+
+Why it is built this way:
+
+* **Loss on the assistant turn only**, through TRL's *prompt-completion* format: each chat row
+  becomes ``prompt`` (every message before the last assistant turn) and ``completion`` (that
+  turn). TRL then masks the prompt itself. ``assistant_only_loss=True`` would need a chat template
+  with ``{% generation %}`` markers, which the SmolLM2 and Qwen templates do not have.
+* **Validation before heavy work**: rows without an assistant turn and model directories without
+  weights or tokenizer fail with a :class:`GlyphError` naming the row or the directory before any
+  model is loaded, because a 7B load takes minutes and a bad row found then wastes them.
+* **Resume after a crash**: checkpoints live in ``output_dir/checkpoints``; a second call with the
+  same ``output_dir`` continues from the last complete one (weights, optimizer, scheduler, RNG
+  and the log history, so the metrics table covers the whole run).
+* **Metrics** come from the trainer's own log history plus a wall-clock stamp per log entry, so
+  tokens/s is measured, not estimated.
+* **Progress**: ``progress(step, max_steps)`` is called after every optimizer step on rank 0
+  (a ``TrainerCallback``), so the train stage's progress artifact moves while it trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from glyph_core.config import TrainConfig
+from glyph_core.errors import GlyphError
+from glyph_core.models import resolve_base_model
+from glyph_core.storage import DatasetRef, Store
+
+log = logging.getLogger(__name__)
+VERSION = "1"
+"""The train stage's version: it enters the key and the manifest. Bump it when the trainer
+changes what it writes."""
+MODEL_SUBDIR = "model"
+CHECKPOINT_SUBDIR = "checkpoints"
+MANIFEST_NAME = "manifest.json"
+
+StepProgress = Callable[[int, int], None]
+"""`progress(step, max_steps)` after every optimizer step (rank 0 only)."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves behind. ``model`` is the in-memory trained model (for tests and
+    callers that continue in-process); it is not part of any artifact."""
+
+    model_dir: Path
+    manifest: dict[str, Any]
+    metrics: pa.Table
+    kind: str  # "lora" | "full"
+    model: Any = field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _row_label(i: int, row: dict[str, Any]) -> str:
+    return f"SFT row {i}" + (f" (id={row['id']!r})" if row.get("id") is not None else "")
+
+
+def to_prompt_completion(rows: pa.Table) -> list[dict[str, Any]]:
+    """Chat rows → TRL conversational prompt-completion rows, validating each row.
+
+    The completion is the *last* assistant turn; everything before it is prompt (masked). A row
+    must have at least one non-assistant message before it and non-empty assistant content.
+    """
+    if "messages" not in rows.column_names:
+        raise GlyphError(f"SFT rows have no 'messages' column (columns: {rows.column_names})")
+    if rows.num_rows == 0:
+        raise GlyphError("SFT rows are empty: nothing to train on")
+    out: list[dict[str, Any]] = []
+    for i, row in enumerate(rows.to_pylist()):
+        msgs = row.get("messages") or []
+        label = _row_label(i, row)
+        for m in msgs:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise GlyphError(f"{label}: every message needs 'role' and 'content', got {m!r}")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise GlyphError(f"{label}: no assistant turn at the end of 'messages'")
+        if not (msgs[-1]["content"] or "").strip():
+            raise GlyphError(f"{label}: the assistant turn is empty")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
+        if not prompt or all(m["role"] == "assistant" for m in prompt):
+            raise GlyphError(f"{label}: no user turn before the assistant turn")
+        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": msgs[-1]["content"]}]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def _callbacks(progress: StepProgress | None) -> list[Any]:
+    """Our `TrainerCallback`s: a wall-clock stamp per log entry, and step progress.
+
+    Built here rather than at module level because `transformers` takes seconds to import and
+    the stage, the CLI and `glyph --help` import this module without training anything.
+    """
+    from transformers import TrainerCallback
+
+    class WallClock(TrainerCallback):
+        """Stamps each log entry with the seconds since the previous one in this process, so
+        tokens/s survives a resume (the earlier entries come back with the checkpoint)."""
+
+        def __init__(self) -> None:
+            self.last = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.last = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            now = time.perf_counter()
+            if state.log_history:
+                state.log_history[-1]["interval_s"] = now - self.last
+            self.last = now
+            if logs and "loss" in logs and state.is_world_process_zero:
+                log.info(
+                    "step %d/%d loss %.4f tokens %s",
+                    state.global_step,
+                    state.max_steps,
+                    float(logs["loss"]),
+                    logs.get("num_input_tokens_seen"),
+                )
+
+    class Steps(TrainerCallback):
+        """`progress(step, max_steps)` after every optimizer step, on rank 0."""
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if progress is not None and state.is_world_process_zero:
+                progress(int(state.global_step), int(state.max_steps))
+
+    return [WallClock(), Steps()]
+
+
+METRIC_COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "mean_token_accuracy",
+    "tokens_seen",
+    "interval_s",
+    "tokens_per_s",
+    "s_per_step",
+)
+
+
+def metrics_table(log_history: list[dict[str, Any]]) -> pa.Table:
+    """One row per logging step: loss curve, learning rate, tokens seen and measured speed."""
+    rows: list[dict[str, Any]] = []
+    prev_tokens, prev_step = 0.0, 0
+    for entry in log_history:
+        if "loss" not in entry:
+            continue  # the final summary entry (train_runtime, ...) has no per-step loss
+        tokens = float(entry.get("num_input_tokens_seen", entry.get("num_tokens", 0.0)))
+        step = int(entry.get("step", 0))
+        interval = entry.get("interval_s")
+        d_tok, d_step = tokens - prev_tokens, step - prev_step
+        rows.append(
+            {
+                "step": step,
+                "epoch": float(entry.get("epoch", 0.0)),
+                "loss": float(entry["loss"]),
+                "learning_rate": float(entry.get("learning_rate", math.nan)),
+                "grad_norm": float(entry.get("grad_norm", math.nan)),
+                "mean_token_accuracy": float(entry.get("mean_token_accuracy", math.nan)),
+                "tokens_seen": tokens,
+                "interval_s": float(interval) if interval is not None else math.nan,
+                "tokens_per_s": d_tok / interval if interval else math.nan,
+                "s_per_step": interval / d_step if interval and d_step > 0 else math.nan,
+            }
+        )
+        prev_tokens, prev_step = tokens, step
+    schema = pa.schema([("step", pa.int64())] + [(c, pa.float64()) for c in METRIC_COLUMNS if c != "step"])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def summarize_metrics(metrics: pa.Table) -> dict[str, Any]:
+    rows = metrics.to_pylist()
+    if not rows:
+        return {"steps": 0}
+    speeds = [r["tokens_per_s"] for r in rows if r["tokens_per_s"] == r["tokens_per_s"]]
+    secs = [r["interval_s"] for r in rows if r["interval_s"] == r["interval_s"]]
+    tokens = rows[-1]["tokens_seen"]
+    total_s = sum(secs)
+    return {
+        "steps": rows[-1]["step"],
+        "first_loss": rows[0]["loss"],
+        "final_loss": rows[-1]["loss"],
+        "tokens_seen": tokens,
+        "train_seconds": total_s,
+        "tokens_per_s": (tokens / total_s) if total_s else (sum(speeds) / len(speeds) if speeds else None),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+# torch is imported inside the functions that need it: importing it costs seconds, and the
+# stage, the CLI and the tests import this module without training.
+
+
+def _device(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.device:
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _use_bf16(cfg: TrainConfig, device: str) -> bool:
+    import torch
+
+    if cfg.bf16 == "on":
+        return True
+    if cfg.bf16 == "off":
+        return False
+    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _checkpointing_arg(config_cls: Any, on: bool) -> dict[str, Any]:
+    """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; TRL's
+    config still defaults the old name to True, so the new one is set explicitly when it exists."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return (
+        {"activation_checkpointing": on}
+        if "activation_checkpointing" in names
+        else {"gradient_checkpointing": on}
+    )
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint that finished saving (it has its trainer state)."""
+    if not ckpt_dir.is_dir():
+        return None
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    if not done:
+        return None
+    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1])))
+
+
+def _portable_adapter_base(model_dir: Path, base_model: str) -> None:
+    """PEFT records the base as the path it was loaded from; for an alias (``smollm2-135m``) that
+    is this host's cache directory, which a GPU worker elsewhere does not have. Record the alias
+    instead: the teacher backends resolve it on whichever host loads the adapter."""
+    cfg_path = model_dir / "adapter_config.json"
+    if not cfg_path.exists() or Path(base_model).expanduser().exists():
+        return
+    data = json.loads(cfg_path.read_text())
+    data["base_model_name_or_path"] = base_model
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _load_rows(sft_rows: pa.Table | DatasetRef, store: Store | None) -> tuple[pa.Table, str | None]:
+    if isinstance(sft_rows, DatasetRef):
+        if store is None:
+            raise GlyphError("a DatasetRef needs the Store it lives in")
+        return store.read_table(sft_rows), sft_rows.sha256
+    return sft_rows, None
+
+
+def _table_sha256(table: pa.Table) -> str:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def train_sft(
+    sft_rows: pa.Table | DatasetRef,
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    *,
+    store: Store | None = None,
+    data_sha256: str | None = None,
+    keep_model: bool = True,
+    callbacks: list[Any] | None = None,
+    progress: StepProgress | None = None,
+) -> TrainResult:
+    """Fine-tune ``cfg.base_model`` on chat-format SFT rows; the artifact goes to
+    ``output_dir/model`` (adapter, or full/merged weights) with a ``manifest.json``.
+
+    Calling again with the same ``output_dir`` after a crash resumes from the last checkpoint.
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (tests); ``progress(step,
+    max_steps)`` is called after every optimizer step on rank 0.
+    """
+    table, ref_sha = _load_rows(sft_rows, store)
+    data_sha256 = data_sha256 or ref_sha or _table_sha256(table)
+    records = to_prompt_completion(table)  # validates rows before any model loads
+    base_path = resolve_base_model(cfg.base_model)
+
+    # Heavy imports (seconds) only once the rows and the model directory have passed the checks.
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    output_dir = Path(output_dir)
+    ckpt_dir = output_dir / CHECKPOINT_SUBDIR
+    model_dir = output_dir / MODEL_SUBDIR
+    device = _device(cfg)
+    bf16 = _use_bf16(cfg, device)
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        base_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.chat_template is None:
+        raise GlyphError(f"base model {cfg.base_model} has no chat template; SFT rows are chat-format")
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path,
+        revision=cfg.revision,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+    peft_config = None
+    if cfg.method == "lora":
+        from peft import LoraConfig as PeftLoraConfig
+
+        peft_config = PeftLoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=float(cfg.warmup_ratio),  # a float in [0, 1) is a ratio of total steps
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        max_length=cfg.max_seq_len,
+        packing=cfg.packing,
+        padding_free=cfg.padding_free and not cfg.packing,
+        **_checkpointing_arg(SFTConfig, cfg.gradient_checkpointing),
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device == "cpu",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        include_num_input_tokens_seen="non_padding",
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[*_callbacks(progress), *(callbacks or [])],
+    )
+    trainer.remove_callback(PrinterCallback)  # our callback logs one line per step instead
+    resume = _last_checkpoint(ckpt_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = metrics_table(trainer.state.log_history)
+    if not trainer.is_world_process_zero():  # several processes (glyph_core/launch.py): rank 0 saves
+        return TrainResult(model_dir=model_dir, manifest={}, metrics=metrics, kind=cfg.method)
+
+    # Publish the artifact: write into a sibling temp dir and rename, so a crash while saving
+    # never leaves a half-written model directory that looks complete.
+    tmp = output_dir / f".{MODEL_SUBDIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trained: Any = trainer.model
+    kind = cfg.method
+    if cfg.method == "lora" and cfg.merge:
+        trained = trained.merge_and_unload()
+        kind = "full"
+    trained.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _portable_adapter_base(tmp, cfg.base_model)
+    manifest = {
+        "stage": "train",
+        "version": VERSION,
+        "base_model": cfg.base_model,
+        "base_model_path": base_path,
+        "kind": kind,
+        "data_sha256": data_sha256,
+        "rows": table.num_rows,
+        "config": cfg.model_dump(mode="json"),
+        "metrics": summarize_metrics(metrics),
+        "resumed_from": resume,
+    }
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    trained.eval()
+    return TrainResult(
+        model_dir=model_dir,
+        manifest=manifest,
+        metrics=metrics,
+        kind=kind,
+        model=trained if keep_model else None,
+    )

@@ -1,0 +1,181 @@
+"""Child flow runs on the GPU pool: start (or reattach to) them, wait for them, read their
+result (docs/design.md, "GPU stages"). The one way this code base starts child runs: the GPU
+dispatch and the fan-out both come here.
+
+How a result comes back: the child writes it as JSON to the store at
+`{root}/_runs/{child flow run id}/{name}.json` (a known key; `result_uri`), and the parent reads
+it once the child is Completed. That needs no Prefect result storage shared between machines,
+only the store both already share (S3 once more than one host is involved), and a person can
+read the file. Refs inside are content-addressed; the parent verifies them before use.
+
+Reattaching: each child is tagged `glyph-dispatch-<hash>` (hash of the parent flow run id, the
+stage and the child's parameters). Before starting one, the parent looks for a child with that
+tag that is Completed or still scheduled/running (say the parent process died while its child
+trained on, and the parent was retried) and waits for that one instead of starting a second
+GPU job. Failed and Cancelled children are never reused: a retry starts a fresh one.
+
+Crashes: a child killed from outside (OOM killer, preempted node) ends Crashed, and flow
+retries do not cover Crashed. The automation in deployments/automations.yaml reschedules
+crashed runs on the `gpu` pool (same flow run id), so the parent, seeing Crashed, waits up to
+`GLYPH_CRASH_GRACE_S` (default 120 s) for the run to leave that state before giving up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.deployments import run_deployment
+from pydantic import BaseModel
+
+from glyph_core.errors import GlyphError
+from glyph_core.storage import Store, canonical_json
+
+RESULT_DIR = "_runs"
+TAG = "glyph-gpu-stage"
+
+
+class StageRunFailed(GlyphError):
+    """The stage's child flow run ended Failed, Cancelled or Crashed for good.
+
+    A `GlyphError`, so the calling task does not retry it on its own: the child already had its
+    chance, and a person decides (Retry in the UI dispatches a fresh child run).
+    """
+
+
+class StageRunCrashed(RuntimeError):
+    """The child stayed Crashed past the grace period (no automation rescheduled it).
+
+    Not a `GlyphError`: a task retry dispatches a fresh child, which is what a crash calls for.
+    """
+
+
+def flow_name(stage: str) -> str:
+    """The name of a stage's child flow (`glyph-<stage>`), deployed as `glyph-<stage>/<name>`."""
+    return f"glyph-{stage}"
+
+
+def result_uri(store: Store, flow_run_id: Any, name: str) -> str:
+    return store.uri(RESULT_DIR, str(flow_run_id), f"{name}.json")
+
+
+def jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def parent_ids() -> tuple[str, str | None]:
+    """(parent flow run id, its UI-facing name) of the calling run, or a fresh id outside one."""
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        return str(ctx.flow_run.id), ctx.flow_run.name
+    task_ctx = TaskRunContext.get()
+    if task_ctx is not None and task_ctx.task_run.flow_run_id is not None:
+        return str(task_ctx.task_run.flow_run_id), None
+    return uuid.uuid4().hex, None
+
+
+def dispatch_tag(parent_id: str, stage: str, parameters: dict[str, Any]) -> str:
+    digest = hashlib.sha256(canonical_json([parent_id, stage, parameters]).encode()).hexdigest()
+    return f"glyph-dispatch-{digest[:16]}"
+
+
+def existing_child(client: Any, tag: str) -> Any | None:
+    """A child with this tag that is Completed or still on its way (never a Failed one)."""
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
+        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        limit=20,
+    )
+    for run in runs:
+        state = run.state
+        if state is None:
+            continue
+        if state.is_completed() or not state.is_final():
+            return run
+    return None
+
+
+@dataclass
+class Child:
+    """One child run to start: its parameters, and how it shows in the UI and where it runs."""
+
+    parameters: dict[str, Any]
+    label: str = ""
+    """Added to the run name, e.g. `group 2/4`."""
+    tags: tuple[str, ...] = ()
+    job_variables: dict[str, Any] | None = None
+    """Overrides of the deployment's job variables (e.g. the GPU the child is pinned to)."""
+
+
+def start_children(stage: str, deployment: str, children: list[Child], *, logger: Any) -> list[Any]:
+    """A run of `glyph-<stage>/<deployment>` per child, or the live or completed run that a
+    previous attempt of this parent started with the same parameters (see "Reattaching")."""
+    parent_id, parent_name = parent_ids()
+    name = f"{flow_name(stage)}/{deployment}"
+    runs: list[Any] = []
+    with get_client(sync_client=True) as client:
+        for child in children:
+            what = f"{stage} {child.label}".strip()
+            tag = dispatch_tag(parent_id, stage, child.parameters)
+            run: Any = existing_child(client, tag)
+            if run is not None:
+                logger.info("%s: reattaching to %s (%s)", what, run.name, run.id)
+            else:
+                run = run_deployment(  # sync call: a FlowRun, not a coroutine
+                    name,
+                    parameters=child.parameters,
+                    timeout=0,
+                    job_variables=child.job_variables,
+                    tags=[TAG, f"glyph-stage-{stage}", *child.tags, tag],
+                    flow_run_name=f"{what} <- {parent_name}" if parent_name else None,
+                )
+                logger.info("%s: dispatched %s as %s (%s)", what, name, run.name, run.id)
+            runs.append(run)
+    return runs
+
+
+def wait_for_child(
+    flow_run_id: Any, *, poll_s: float | None = None, crash_grace_s: float | None = None, logger: Any = None
+) -> Any:
+    """Poll a child flow run until Completed; raise if it ends otherwise.
+
+    Crashed is not final here for `crash_grace_s`: the automation may reschedule the run.
+    """
+    poll_s = poll_s if poll_s is not None else float(os.environ.get("GLYPH_DISPATCH_POLL_S", "2"))
+    crash_grace_s = (
+        crash_grace_s if crash_grace_s is not None else float(os.environ.get("GLYPH_CRASH_GRACE_S", "120"))
+    )
+    crashed_since: float | None = None
+    last_name = None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            state = run.state
+            if state is not None and state.name != last_name:
+                if logger:
+                    logger.info("child %s (%s): %s", run.name, flow_run_id, state.name)
+                last_name = state.name
+            if state is None or not state.is_final():
+                crashed_since = None
+            elif state.is_completed():
+                return run
+            elif state.is_crashed():
+                crashed_since = crashed_since or time.monotonic()
+                if time.monotonic() - crashed_since > crash_grace_s:
+                    raise StageRunCrashed(
+                        f"GPU stage run {run.name} ({flow_run_id}) Crashed and was not rescheduled "
+                        f"within {crash_grace_s:.0f} s: {state.message}"
+                    )
+            else:
+                raise StageRunFailed(
+                    f"GPU stage run {run.name} ({flow_run_id}) ended {state.name}: {state.message}"
+                )
+            time.sleep(poll_s)
