@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Bucket = Literal["easy", "medium", "hard"]
 BUCKETS: tuple[Bucket, ...] = ("easy", "medium", "hard")
@@ -159,9 +159,25 @@ class TrainConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     split: Literal["test"] = "test"
-    per_bucket: int | None = Field(default=None, description="problems per (source, bucket); None = all")
+    per_stratum: int | None = Field(
+        default=None,
+        ge=1,
+        description="problems per sampling stratum (source and its own difficulty level: MATH level, "
+        "GSM8K solution steps, SVAMP operators); None = every held-out problem",
+    )
+    # Transitional: the old name, still passed by `glyph evaluate --per-bucket`. Mapped onto
+    # per_stratum, never hashed or dumped; delete it when the CLI passes per_stratum.
+    per_bucket: int | None = Field(default=None, ge=1, exclude=True, json_schema_extra=NOT_IN_KEY)
     max_new_tokens: int = 512
     batch_size: int = Field(default=16, json_schema_extra=NOT_IN_KEY)
     backend: Literal["transformers", "vllm"] = "transformers"
     compare_base: bool = True
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _per_bucket_is_per_stratum(self) -> EvalConfig:
+        if self.per_bucket is not None:
+            if self.per_stratum not in (None, self.per_bucket):
+                raise ValueError("per_bucket is the old name of per_stratum: give one of them")
+            self.per_stratum, self.per_bucket = self.per_bucket, None
+        return self

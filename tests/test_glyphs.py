@@ -107,7 +107,9 @@ def test_latent_and_natural_prompts_never_mention_glyphs():
 
 @pytest.mark.parametrize("invisible", ["\ufe0f", "\ufe0e", "\u200d", "\ufe0f\u200b"])
 def test_invisible_characters_after_a_glyph_belong_to_the_glyph(invisible):
-    hidden_empty = f"{G}{invisible}\n{P}{invisible} Add, then multiply.\n{S} 2+3=5\n{T} So 5.\n{F}{invisible} 5"
+    hidden_empty = (
+        f"{G}{invisible}\n{P}{invisible} Add, then multiply.\n{S} 2+3=5\n{T} So 5.\n{F}{invisible} 5"
+    )
     assert validate_trace(hidden_empty) == [Violation.EMPTY_SECTION]
     trace = parse_trace(hidden_empty)
     assert trace.final_answer == "5" and trace.texts(Glyph.PLAN) == ["Add, then multiply."]
