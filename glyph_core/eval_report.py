@@ -292,9 +292,7 @@ def markdown_report(metrics: dict[str, Any], *, original_study: bool = False) ->
         "",
     ]
     for w in metrics.get("warnings", []):
-        lines.append(f"> **Warning:** {w}.")
-    if metrics.get("warnings"):
-        lines.append("")
+        lines += [f"> **Warning:** {w}.", ""]
     lines += _selectivity_section(metrics) + [""]
     math_lines = _math_level_section(metrics)
     if math_lines:
@@ -325,8 +323,9 @@ def headline_lines(metrics: dict[str, Any]) -> list[str]:
         mm = metrics["models"][m]
         within = mm["selectivity"]["within_source"]
         per_source = ", ".join(
-            f"{_source_name(s)} {fmt_estimate(v.get('auroc'))}"
-            for s, v in within.get("by_source", {}).items()
+            f"{_source_name(s)} {fmt_estimate(within['by_source'][s].get('auroc'))}"
+            for s in _sources(metrics)
+            if s in within.get("by_source", {})
         )
         out.append(
             f"{m}: within-source selectivity AUROC {fmt_estimate(within.get('auroc'))} ({per_source}); "
