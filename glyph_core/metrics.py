@@ -500,19 +500,21 @@ def study_goal(levels: dict[str, Any], math_auroc: float | None) -> dict[str, An
 
 
 def truncation_warnings(models: dict[str, Any], max_new_tokens: int | None) -> list[str]:
-    """One sentence per (model, bucket or source) whose truncation rate exceeds
-    :data:`TRUNCATION_WARN_RATE`: its scores measure the budget more than the model."""
+    """One sentence per model with a bucket or source whose truncation rate exceeds
+    :data:`TRUNCATION_WARN_RATE`: its scores there measure the token budget more than the model."""
     out = []
     budget = f"evaluate.max_new_tokens ({max_new_tokens})" if max_new_tokens else "evaluate.max_new_tokens"
     for model, m in models.items():
-        for kind in ("by_bucket", "by_source"):
-            for group, st in m[kind].items():
-                rate = st.get("truncated")
-                if rate is not None and rate > TRUNCATION_WARN_RATE:
-                    out.append(
-                        f"{model}: {100 * rate:.0f}% of the {st['n']} completions in {kind[3:]} {group} hit the "
-                        f"token limit; {budget} is probably too small"
-                    )
+        high = [
+            f"{kind[3:]} {group} {100 * st['truncated']:.0f}% of {st['n']}"
+            for kind in ("by_bucket", "by_source")
+            for group, st in m[kind].items()
+            if st.get("truncated") is not None and st["truncated"] > TRUNCATION_WARN_RATE
+        ]
+        if high:
+            out.append(
+                f"{model}: completions hit the token limit ({'; '.join(high)}); {budget} is probably too small"
+            )
     return out
 
 

@@ -92,8 +92,11 @@ def test_report_puts_within_source_selectivity_first_and_labels_the_pooled_numbe
 
 def test_report_warns_when_many_completions_hit_the_token_limit():
     md = markdown_report(_metrics(truncate_hard=True))
-    assert "> **Warning:** tuned: 100% of the 24 completions in bucket hard hit the token limit; " in md
-    assert "evaluate.max_new_tokens (256) is probably too small" in md
+    assert (
+        "> **Warning:** tuned: completions hit the token limit (bucket hard 100% of 24; source math 40% of 40); "
+        "evaluate.max_new_tokens (256) is probably too small." in md
+    )
+    assert md.count("Warning") == 1  # base is never cut
     row = next(line for line in md.splitlines() if line.startswith("| hard | tuned | 24 |"))
     assert row.split(" | ")[6] == fmt_rate(1.0, *wilson(24, 24))  # the truncated column
 
@@ -125,7 +128,10 @@ def test_headline_lines():
     assert any(line.startswith("tuned: MATH glyph use levels 1–2 ") for line in lines)
     # base never writes glyphs, so its AUROC and the paired AUROC difference are undefined
     assert any(line.startswith("tuned − base: within-source AUROC –, hard − easy +") for line in lines)
-    assert any(line.startswith("warning: tuned: 100% of the 24 completions") for line in lines)
+    assert any(
+        line.startswith("warning: tuned: completions hit the token limit (bucket hard 100% of 24")
+        for line in lines
+    )
     assert lines[-1].startswith("tuned, pooled over sources (can be a source shortcut): AUROC ")
 
 

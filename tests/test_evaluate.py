@@ -253,9 +253,7 @@ def test_aggregate_and_selectivity():
     assert metrics["tuned_minus_base"]["hard"]["emergence"] == 1.0
     assert metrics["tuned_minus_base"]["medium"]["truncated"] == 0.5
     assert metrics["warnings"] == [
-        "tuned: 50% of the 6 completions in bucket medium hit the token limit; "
-        "evaluate.max_new_tokens (32) is probably too small",
-        "tuned: 33% of the 9 completions in source gsm8k hit the token limit; "
+        "tuned: completions hit the token limit (bucket medium 50% of 6; source gsm8k 33% of 9); "
         "evaluate.max_new_tokens (32) is probably too small",
     ]
     json.dumps(metrics, allow_nan=False)  # NaNs became nulls
@@ -364,7 +362,7 @@ def test_base_vs_tuned_end_to_end(tmp_path, trained, tiny):
         for b, st in mm["by_bucket"].items()
         if st["truncated"] > 0.2
     ]
-    assert len([w for w in metrics["warnings"] if " bucket " in w]) == len(high)
+    assert sum(w.count("bucket ") for w in metrics["warnings"]) == len(high)
     report_md = Path(result.paths["table_md"]).read_text()
     assert all(w in report_md for w in metrics["warnings"])
 

@@ -346,7 +346,7 @@ def test_metrics_json_has_the_documented_keys():
     }
     assert set(tuned["selectivity"]["within_source"]["by_source"]) == {"math", "gsm8k"}
     assert metrics["warnings"] == [
-        "tuned: 30% of the 10 completions in bucket hard hit the token limit; "
+        "tuned: completions hit the token limit (bucket hard 30% of 10); "
         "evaluate.max_new_tokens (64) is probably too small"
     ]
     assert metrics["models"]["tuned"]["by_source"]["math"]["truncated"] == 0.2  # not above 20 %: no warning
