@@ -5,9 +5,7 @@ test_eval_report.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +16,7 @@ from glyph_core import evaluate as ev
 from glyph_core.config import EvalConfig, LoraConfig, TrainConfig
 from glyph_core.errors import GlyphError
 from glyph_core.evaluate import check_tuned_model, sample_heldout, score_completion, stratum_of
-from glyph_core.metrics import aggregate, auroc, selectivity, wilson
+from glyph_core.metrics import aggregate, selectivity, wilson
 from glyph_core.storage import ModelRef, Store
 from glyph_core.teachers.base import Completion
 
@@ -67,42 +65,12 @@ def test_score_cut_final_section_is_neither_valid_nor_answered():
     assert s["pred"] is None and not s["correct"]
 
 
-# -- statistics -----------------------------------------------------------------------------------
-
-
-def test_wilson_known_values():
-    lo, hi = wilson(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = wilson(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson(10, 10)
-    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
-    assert all(math.isnan(x) for x in wilson(0, 0))
-
-
-def _brute_auroc(labels, scores):
-    pos = [s for s, y in zip(scores, labels, strict=True) if y]
-    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
-    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
-    return wins / (len(pos) * len(neg))
-
-
-def test_auroc_known_cases():
-    assert auroc([False, False, True, True], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert auroc([True, True, False, False], [0.1, 0.2, 0.8, 0.9]) == 0.0
-    assert auroc([True, False, True, False], [0.5, 0.5, 0.5, 0.5]) == 0.5
-    assert auroc([True, True], [0.1, 0.2]) is None
-    assert auroc([], []) is None
-    labels = [True, False, True, True, False, False, True, False]
-    scores = [0.75, 0.5, 0.5, 1.0, 0.0, 0.25, 0.25, 0.75]
-    assert auroc(labels, scores) == pytest.approx(_brute_auroc(labels, scores))
-
-
 # -- selection and aggregation --------------------------------------------------------------------
 
 
 LEVELS = {("math", "easy"): 1, ("math", "medium"): 3, ("math", "hard"): 5}
 LEVELS |= {("gsm8k", "easy"): 2, ("gsm8k", "medium"): 4, ("gsm8k", "hard"): 7}
+STRATA = {"math/level=1", "math/level=3", "math/level=5", "gsm8k/steps<=2", "gsm8k/steps=4", "gsm8k/steps>=6"}
 
 
 def problems_table() -> pa.Table:
@@ -160,14 +128,7 @@ def test_sample_heldout_per_stratum_and_deterministic():
         .column("id")
         .to_pylist()
     )
-    assert {stratum_of(r["source"], r["level"]) for r in one.to_pylist()} == {
-        "math/level=1",
-        "math/level=3",
-        "math/level=5",
-        "gsm8k/steps<=2",
-        "gsm8k/steps=4",
-        "gsm8k/steps>=6",
-    }
+    assert {stratum_of(r["source"], r["level"]) for r in one.to_pylist()} == STRATA
     two = sample_heldout(t, EvalConfig(per_stratum=2))
     assert two.num_rows == 12 and set(one.column("id").to_pylist()) <= set(two.column("id").to_pylist())
     other_seed = sample_heldout(t, EvalConfig(per_stratum=1, seed=7)).column("id").to_pylist()
@@ -211,14 +172,7 @@ def _fake_scored() -> pa.Table:
 def test_aggregate_and_selectivity():
     scored = _fake_scored()
     assert scored.column("truncated").to_pylist().count(True) == 3
-    assert set(scored.column("stratum").to_pylist()) == {
-        "math/level=1",
-        "math/level=3",
-        "math/level=5",
-        "gsm8k/steps<=2",
-        "gsm8k/steps=4",
-        "gsm8k/steps>=6",
-    }
+    assert set(scored.column("stratum").to_pylist()) == STRATA
     table = aggregate(scored)
     by = {(r["model"], r["group_by"], r["group"]): r for r in table.to_pylist()}
     assert by[("tuned", "bucket", "hard")]["emergence"] == 1.0
