@@ -288,7 +288,7 @@ def markdown_report(metrics: dict[str, Any], *, original_study: bool = False) ->
         "",
         f"{metrics.get('n_problems', '?')} held-out problems (latent prompt, greedy{budget}), sampled "
         "per (source, difficulty level). Rates with 95 % Wilson intervals; selectivity with 95 % "
-        f"bootstrap intervals ({boot.get('resamples', '?')} resamples within strata).",
+        f"bootstrap intervals ({boot.get('resamples', '?')} resamples within sources).",
         "",
     ]
     for w in metrics.get("warnings", []):

@@ -41,6 +41,9 @@ from glyph_core import original_study
 from glyph_core.answers import extract_answer, is_equivalent
 from glyph_core.config import EvalConfig, TeacherConfig
 from glyph_core.errors import GlyphError
+
+# display_rows and markdown_table: transitional re-exports, glyph_cli imports them from here;
+# delete once it imports them from glyph_core.eval_report.
 from glyph_core.eval_report import display_rows as display_rows
 from glyph_core.eval_report import markdown_report, plot_png
 from glyph_core.eval_report import markdown_table as markdown_table

@@ -21,11 +21,13 @@ metrics JSON (docs/evaluation.md documents every key).
   The pooled numbers (all sources together, ``difficulty`` in [0, 1]) are kept, labelled
   *pooled*; they can be a source shortcut.
 * Intervals of the selectivity numbers are percentile bootstraps over problems (seeded, so the
-  same input gives the same interval), resampled within the sampling strata of
-  :func:`glyph_core.evaluate.stratum_of` (the sample was drawn per stratum). Base and tuned
-  share the resamples, so tuned − base differences get paired intervals. Problems in a stratum
-  that agree on everything a statistic reads are one category, and a resample is a multinomial
-  draw of category counts: 2,000 resamples of 6,600 problems take milliseconds.
+  same input gives the same interval), resampled within each source: every source keeps its
+  size, as in the sample. Not within each sampling stratum: with one or two problems per
+  stratum (the demo) that would give zero-width intervals; resampling the level mix as well
+  is slightly conservative instead. Base and tuned share the resamples, so tuned − base
+  differences get paired intervals. Problems of a source that agree on everything a statistic
+  reads are one category, and a resample is a multinomial draw of category counts: 2,000
+  resamples of 6,600 problems take a fraction of a second.
 """
 
 from __future__ import annotations
@@ -188,9 +190,8 @@ def aggregate(scored: pa.Table) -> pa.Table:
 
 @dataclass(frozen=True)
 class Category:
-    """Problems of one sampling stratum that agree on everything a statistic reads."""
+    """Problems of one source that agree on everything a statistic reads."""
 
-    stratum: str
     source: str
     level: int | None
     difficulty: float
@@ -200,7 +201,7 @@ class Category:
 
 class Counts:
     """Category counts: row 0 of :attr:`observed` is the sample, rows of :attr:`resampled` are
-    bootstrap resamples (each stratum keeps its size)."""
+    bootstrap resamples (each source keeps its size)."""
 
     def __init__(self, rows: list[dict[str, Any]], models: list[str], resamples: int, seed: int) -> None:
         problems: dict[str, dict[str, Any]] = {}
@@ -211,7 +212,6 @@ class Counts:
         for p in problems.values():
             r = p["row"]
             cat = Category(
-                stratum=r.get("stratum") or r["source"],
                 source=r["source"],
                 level=r.get("level"),
                 difficulty=float(r["difficulty"]),
@@ -220,12 +220,12 @@ class Counts:
             )
             tally[cat] = tally.get(cat, 0) + 1
         self.models = models
-        self.categories = sorted(tally, key=lambda c: (c.stratum, repr(c)))
+        self.categories = sorted(tally, key=repr)
         self.observed = np.array([[tally[c] for c in self.categories]], dtype=np.float64)
         rng = np.random.default_rng(seed)
         blocks = np.zeros((resamples, len(self.categories)))
-        for stratum in sorted({c.stratum for c in self.categories}):
-            cols = [i for i, c in enumerate(self.categories) if c.stratum == stratum]
+        for source in sorted({c.source for c in self.categories}):
+            cols = [i for i, c in enumerate(self.categories) if c.source == source]
             k = self.observed[0, cols]
             blocks[:, cols] = rng.multinomial(int(k.sum()), k / k.sum(), size=resamples)
         self.resampled = blocks
@@ -609,7 +609,7 @@ def build_metrics(
         "version": version,
         "models": models,
         "study_goal_criteria": STUDY_GOAL,
-        "bootstrap": {"resamples": resamples, "seed": seed, "interval": 0.95, "resampled_within": "stratum"},
+        "bootstrap": {"resamples": resamples, "seed": seed, "interval": 0.95, "resampled_within": "source"},
         "truncation_warn_rate": TRUNCATION_WARN_RATE,
         "warnings": truncation_warnings(models, config.get("max_new_tokens")),
         "original_study": original_study(srows),

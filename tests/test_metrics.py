@@ -1,5 +1,5 @@
 """The evaluation's statistics: Wilson, AUROC, within-source selectivity against brute force, the
-stratified bootstrap (deterministic, paired, sized right), MATH per level and the study's goal.
+bootstrap within sources (deterministic, paired, sized right, not degenerate on tiny strata), MATH per level and the study's goal.
 
 Scored tables are built by hand with the columns the scorer writes; what they stand for (a model
 that follows the source, one that follows difficulty) is said in each test.
@@ -189,7 +189,7 @@ def test_within_source_hard_minus_easy_is_the_mantel_haenszel_mean():
     assert got["hard_minus_easy"]["value"] == pytest.approx(num / den)
 
 
-def test_bootstrap_is_deterministic_paired_and_keeps_strata_sizes():
+def test_bootstrap_is_deterministic_paired_and_keeps_source_sizes():
     rng = random.Random(7)
     rows = []
     for pid, src, lv in _problems():
@@ -212,27 +212,27 @@ def test_bootstrap_is_deterministic_paired_and_keeps_strata_sizes():
 
     counts = Counts(table.to_pylist(), ["base", "tuned"], resamples=50, seed=0)
     assert counts.observed.sum() == len(_problems())  # one count per problem, not per completion
-    for stratum in {r["stratum"] for r in rows}:
-        cols = [i for i, c in enumerate(counts.categories) if c.stratum == stratum]
+    for source in ("math", "gsm8k"):
+        cols = [i for i, c in enumerate(counts.categories) if c.source == source]
         assert np.all(counts.resampled[:, cols].sum(axis=1) == counts.observed[0, cols].sum())
 
 
 def test_bootstrap_matches_a_naive_resampling_of_problems():
     """The multinomial draw over categories has the distribution of resampling problems with
-    replacement within each stratum: compare the spread with a plain per-problem bootstrap."""
+    replacement within each source: compare the spread with a plain per-problem bootstrap."""
     rng = random.Random(11)
     problems = _problems(20, 20)
     rows = [_row("tuned", pid, src, lv, emerged=rng.random() < 0.12 * lv) for pid, src, lv in problems]
     fast = selectivity(_table(rows), resamples=2000)["models"]["tuned"]["within_source"]["auroc"]
-    by_stratum: dict[str, list[dict[str, Any]]] = {}
+    by_source: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        by_stratum.setdefault(r["stratum"], []).append(r)
+        by_source.setdefault(r["source"], []).append(r)
     gen = np.random.default_rng(0)
     naive = []
     for _ in range(600):
         sample = [
             r
-            for group in by_stratum.values()
+            for group in by_source.values()
             for r in (group[i] for i in gen.integers(0, len(group), len(group)))
         ]
         wins = pairs = 0.0
@@ -352,3 +352,12 @@ def test_metrics_json_has_the_documented_keys():
     assert metrics["models"]["tuned"]["by_source"]["math"]["truncated"] == 0.2  # not above 20 %: no warning
     assert metrics["original_study"]["tuned"]["by_bucket"]["hard"]["n"] == 14
     assert metrics["original_study"]["base"]["overall"]["emergence"] == 0.0
+
+
+def test_one_problem_per_stratum_still_gets_a_real_interval():
+    """The demo's sample: one problem per (source, level). Resampling within each stratum would
+    never change it (a zero-width interval); within each source it does."""
+    rows = [_row("tuned", f"math/{lv}", "math", lv, emerged=lv in (2, 4, 5)) for lv in range(1, 6)]
+    rows += [_row("tuned", f"gsm8k/{n}", "gsm8k", n, emerged=n in (3, 6)) for n in range(2, 8)]
+    auroc_ = selectivity(_table(rows), resamples=500)["models"]["tuned"]["within_source"]["auroc"]
+    assert auroc_["lo"] < auroc_["value"] < auroc_["hi"]
