@@ -56,6 +56,8 @@ _ANSWER_MARK = re.compile(
     r"\b(?:final\s+answer|answer)\b(?:\s*\*\*)?\s*(?:is\b|:|=)\s*:?(?:\s*\*\*)?", re.IGNORECASE
 )
 _SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|\n")
+# Inline maths that opens a statement may span lines (a pmatrix); same rule as INLINE_MATH.
+_LEADING_INLINE = re.compile(r"\$(?!\s)([^$]*?[^\s$\\])\$(?!\d)")
 _COPULA = re.compile(r"\b(?:is|are|was|were|equals)\b|=", re.IGNORECASE)
 _LATEX_CMD = re.compile(r"\\[A-Za-z]+")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -88,19 +90,23 @@ def _clean_span(ans: str) -> str:
 
 
 def _leading_statement(text: str) -> str | None:
-    """What ``text`` states first: a maths block it opens with (display maths may span lines),
-    else its first sentence. None when it opens maths that never closes (cut off)."""
+    """What ``text`` states first: a maths block it opens with (it may span lines: display
+    maths, a matrix), else its first sentence; a lead-in line ending in ":" ("Therefore:") is
+    skipped. None when it opens maths that never closes (cut off)."""
     body = text.lstrip()
-    if not body:
-        return ""
-    if body.startswith(("\\[", "$$", "\\(")):
-        m = DISPLAY_MATH.match(body) or INLINE_MATH.match(body)
-        return m.group(0) if m else None
-    m = INLINE_MATH.match(body)
-    if m:
-        return m.group(0)
-    end = _SENTENCE_END.search(body)
-    return body[: end.start()] if end else body
+    while body:
+        if body.startswith(("\\[", "$$", "\\(")):
+            m = DISPLAY_MATH.match(body) or INLINE_MATH.match(body)
+            return m.group(0) if m else None
+        m = _LEADING_INLINE.match(body)
+        if m:
+            return m.group(0)
+        end = _SENTENCE_END.search(body)
+        statement = body[: end.start()] if end else body
+        if not statement.rstrip().endswith(":") or not end:
+            return statement
+        body = body[end.end() :].lstrip()
+    return ""
 
 
 def _candidates(text: str) -> tuple[list[tuple[int, str]], str]:
@@ -122,6 +128,8 @@ def _pick(statement: str, *, first: bool) -> str:
     has 16 eggs.") gives one of them: the first when ``first`` (the statement follows "the
     answer is"), else the first after the last copula (is, are, =, equals) that has one, else
     the last."""
+    if any(rx.fullmatch(statement.strip()) for rx in (DISPLAY_MATH, INLINE_MATH, _LEADING_INLINE)):
+        return statement  # one maths block: an expression, whatever words its LaTeX holds
     found, prose = _candidates(statement)
     if not found or len(_WORD.findall(_LATEX_CMD.sub(" ", prose))) < 2:
         return statement
@@ -265,7 +273,8 @@ def normalize_answer(ans: str) -> str:
     if boxed is not None and s.startswith(("\\boxed", "\\fbox")):
         s = boxed
     s = s.replace("\\$", "").replace("$", "")
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", " ")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "")
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # a forced space "\ ", not a matrix row break "\\" and a space
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = s.replace("dfrac", "frac").replace("tfrac", "frac")
     s = s.replace("{,}", ",")

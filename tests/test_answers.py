@@ -251,6 +251,7 @@ def test_final_section_cut_inside_its_maths_has_no_answer(final: str) -> None:
         ("**Final Answer**\n16", "16"),
         ("### Final answer\n\\(\\dfrac{2}{3}\\)", "\\frac{2}{3}"),
         ("16 eggs\n\nHuman: Thanks! Now what about 20 eggs?", "16"),
+        ("Therefore:\n\n$\\frac{3}{4}$ of the tank.", "0.75"),
     ],
 )
 def test_final_section_that_is_a_sentence_or_has_a_label(final: str, gold: str) -> None:
@@ -281,6 +282,12 @@ def test_looping_output_takes_the_last_complete_final_section() -> None:
     loop = HEAD + "\n".join([f"{F} 9", f"{T} She sells 9 eggs.", f"{F} 9"] * 5) + f"\n{F} "
     assert extract_answer(loop) == "9"
     assert extract_answer(loop, truncated=True) == "9"
+
+
+def test_multiline_maths_in_the_final_section_is_kept_whole() -> None:
+    matrix = "$\\begin{pmatrix}\n 1 \\\\\n -2\n\\end{pmatrix}$"
+    assert extract_answer(f"{F} {matrix}") == "\\begin{pmatrix}\n 1 \\\\\n -2\n\\end{pmatrix}"
+    assert is_equivalent(extract_answer(f"{F} {matrix}"), "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}")
 
 
 def test_math_text_answers_are_kept_whole() -> None:
