@@ -59,7 +59,8 @@ _SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|\n")
 # Inline maths that opens a statement may span lines (a pmatrix); same rule as INLINE_MATH.
 _LEADING_INLINE = re.compile(r"\$(?!\s)([^$]*?[^\s$\\])\$(?!\d)")
 _COPULA = re.compile(r"\b(?:is|are|was|were|equals)\b|=", re.IGNORECASE)
-_LATEX_CMD = re.compile(r"\\[A-Za-z]+")
+# A LaTeX command with a brace group of letters (\begin{pmatrix}, \text{ cm}): not prose words.
+_LATEX_CMD = re.compile(r"\\[A-Za-z]+(?:\{[A-Za-z*\s]*\})?")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 # A truncated completion's last run of characters may itself be cut ("4" of "42") unless it
 # ends a sentence or closes a group.

@@ -295,3 +295,6 @@ def test_math_text_answers_are_kept_whole() -> None:
     assert extract_answer(f"{F} \\text{{Evelyn}}") == "\\text{Evelyn}"
     assert extract_answer(f"{F} (-\\infty, 3] \\cup [5, \\infty)") == "(-\\infty, 3] \\cup [5, \\infty)"
     assert extract_answer(f"{F} There is no solution.") == "There is no solution"
+    # environment names are LaTeX, not prose words: the matrix is one answer, not its last entry
+    matrix = "\\begin{pmatrix} -1/2 \\\\ 5/2 \\\\ 1 \\end{pmatrix}"
+    assert extract_answer(f"{F} {matrix}") == matrix
