@@ -481,16 +481,17 @@ def math_levels(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def study_goal(levels: dict[str, Any], math_auroc: float | None) -> dict[str, Any]:
-    """The study's goal within MATH (:data:`STUDY_GOAL`), checked on the point estimates."""
+    """The study's goal within MATH (:data:`STUDY_GOAL`), checked on the point estimates:
+    ``met`` is False as soon as one known criterion fails, None while one is undefined (the
+    AUROC when the model uses glyphs on all MATH problems or none) and the others pass."""
     hard = levels["4-5"]["glyph_use"]["rate"]
     easy = levels["1-2"]["glyph_use"]["rate"]
-    met: bool | None = None
-    if hard is not None and easy is not None and math_auroc is not None:
-        met = (
-            hard >= STUDY_GOAL["glyph_use_levels_4_5_min"]
-            and easy <= STUDY_GOAL["glyph_use_levels_1_2_max"]
-            and math_auroc >= STUDY_GOAL["auroc_min"]
-        )
+    checks = [
+        None if hard is None else hard >= STUDY_GOAL["glyph_use_levels_4_5_min"],
+        None if easy is None else easy <= STUDY_GOAL["glyph_use_levels_1_2_max"],
+        None if math_auroc is None else math_auroc >= STUDY_GOAL["auroc_min"],
+    ]
+    met = False if False in checks else None if None in checks else True
     return {
         "glyph_use_levels_4_5": hard,
         "glyph_use_levels_1_2": easy,

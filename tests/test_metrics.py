@@ -278,6 +278,10 @@ def test_math_levels_and_the_study_goal():
     rows[0]["emerged"] = rows[1]["emerged"] = rows[2]["emerged"] = True  # level 1: 30 %+
     assert study_goal(math_levels(rows), 0.86)["met"] is False
     assert study_goal(math_levels([]), None)["met"] is None
+    everywhere = [_row("tuned", f"m{lv}", "math", lv, emerged=True) for lv in range(1, 6)]
+    assert study_goal(math_levels(everywhere), None)["met"] is False  # 100 % on levels 1–2
+    hard_only = [_row("tuned", f"m{lv}", "math", lv, emerged=lv >= 4) for lv in (1, 2, 4, 5)]
+    assert study_goal(math_levels(hard_only), None)["met"] is None  # rates pass, AUROC unknown
 
 
 def test_metrics_json_has_the_documented_keys():
