@@ -46,12 +46,10 @@ def _missing(x: Any) -> bool:
 
 def fmt_rate(p: float | None, lo: float | None, hi: float | None) -> str:
     """``83.3% [44–97]``; ``–`` when undefined."""
-    if _missing(p):
+    if p is None or _missing(p):
         return "–"
-    assert p is not None
-    if _missing(lo) or _missing(hi):
+    if lo is None or hi is None or _missing(lo) or _missing(hi):
         return f"{100 * p:.1f}%"
-    assert lo is not None and hi is not None
     return f"{100 * p:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
 
 
@@ -361,10 +359,12 @@ def headline_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def _err(p: float | None, lo: float | None, hi: float | None) -> tuple[float, float, float]:
-    if _missing(p):
+    """A rate and its error-bar lengths below and above (0 where the interval is missing)."""
+    if p is None or _missing(p):
         return (float("nan"), 0.0, 0.0)
-    assert p is not None
-    return (p, 0.0 if _missing(lo) else max(0.0, p - lo), 0.0 if _missing(hi) else max(0.0, hi - p))  # type: ignore[operator]
+    below = 0.0 if lo is None or _missing(lo) else max(0.0, p - lo)
+    above = 0.0 if hi is None or _missing(hi) else max(0.0, hi - p)
+    return (p, below, above)
 
 
 def plot_png(metrics: dict[str, Any]) -> bytes:
