@@ -9,5 +9,5 @@ exec glyph run --profile demo --store "${STORE:-/tmp/store}" \
   --set generate.teacher.backend=reference --set rewrite.glyph_min_bucket=medium \
   --set train.bf16=on --set train.device=cuda --set train.max_steps=-1 --set train.epochs=6 \
   --set train.learning_rate=0.001 --set train.batch_size=16 --set train.max_seq_len=1024 \
-  --set train.save_steps=100000 --set evaluate.per_bucket=null --set evaluate.max_new_tokens=384 \
+  --set train.save_steps=100000 --set evaluate.per_stratum=null --set evaluate.max_new_tokens=384 \
   --set evaluate.batch_size=96 "$@"

@@ -44,7 +44,7 @@ common=(
   --set train.bf16=on --set train.device=cuda --set train.max_steps=-1 --set train.epochs=6
   --set train.learning_rate=0.001 --set train.batch_size=16 --set train.max_seq_len=1024
   --set train.num_threads=null --set train.save_steps=100000
-  --set evaluate.per_bucket=null --set evaluate.max_new_tokens=384 --set evaluate.batch_size=96
+  --set evaluate.per_stratum=null --set evaluate.max_new_tokens=384 --set evaluate.batch_size=96
 )
 vllm_eval=(--set evaluate.backend=vllm --set evaluate.vllm.gpu_memory_utilization=0.6)
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glyph_core.errors import GlyphError
-from glyph_core.evaluate import display_rows, markdown_table
+from glyph_core.eval_report import display_rows, markdown_table
 from glyph_core.profiles import default_store_root
 from glyph_core.storage import StorageError, Store
 

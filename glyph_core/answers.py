@@ -1,12 +1,16 @@
-"""Answer extraction, gold extraction and equivalence (DESIGN §2: math-verify + numeric fallback).
+"""Answer extraction, gold extraction and equivalence (math-verify + numeric fallback).
 
 Why not "compare the last number" (what the original glyph scripts did): it marks
 `\\frac{1}{2}` vs `0.5`, `1,000` vs `1000` or `$18.00` vs `18` wrong and accepts any trace that
 happens to end with the right digit. Here:
 
 * :func:`extract_answer` reads, in order, the 🝞 final-answer section, the last
-  ``\\boxed{}``/``\\fbox{}`` (nested braces), an explicit "answer is …"/"Answer: …", and only
-  then the last number.
+  ``\\boxed{}``/``\\fbox{}`` (nested braces), an explicit "answer is …"/"Final answer: …", and
+  only for a completion that ended on its own, the last number. It is built for what tuned
+  models really write: display maths on the lines after "the final answer is:", a 🝞 section
+  that is a sentence ("Myrtle has 16 eggs."), answers repeated in a loop, completions cut off
+  at the token limit (no last-number guess from unfinished reasoning; a section cut inside
+  ``\\boxed{…`` has no answer). docs/evaluation.md lists the cases with examples.
 * :func:`is_equivalent` first tries cheap, exact comparisons (normalised strings, then exact
   rational arithmetic on plain numbers, fractions, percents, currency and unit-suffixed
   numbers). When both sides are plain numbers the cheap path *decides* (equal or not), so the
@@ -26,121 +30,195 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-FINAL_GLYPH = "\U0001f75e"  # 🝞
+from glyph_core.glyphs import Glyph, parse_trace
+from glyph_core.latex import (
+    DISPLAY_MATH,
+    INLINE_MATH,
+    last_box_open,
+    last_boxed,
+    math_spans,
+    open_math,
+)
+
+FINAL_GLYPH = Glyph.FINAL.value  # 🝞
 MATH_VERIFY_TIMEOUT_S = 5
 _MAX_VERIFY_CHARS = 1000  # longer "answers" are prose, not expressions; sympy can hang on them
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every timeout=None call
 
 # ---------------------------------------------------------------------------------------------
-# boxed extraction
-
-
-_BOX_CMD = re.compile(r"\\(?:boxed|fbox)")
-
-
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the brace group opening at ``text[start] == '{'`` and the index after it."""
-    depth = 0
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == "\\":  # skip escaped braces like \{ and \}
-            continue
-        if c == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif c == "}" and text[i - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i], i + 1
-    return None
-
-
-def boxed_contents(text: str) -> list[str]:
-    """Every ``\\boxed{...}``/``\\fbox{...}`` content, in order, nested braces kept.
-
-    Also accepts the brace-less form ``\\boxed 5`` (MATH has a few), which runs to the next
-    whitespace or ``$``. An unbalanced (truncated) box is skipped.
-    """
-    out: list[str] = []
-    for m in _BOX_CMD.finditer(text):
-        i = m.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            got = _braced(text, i)
-            if got is not None:
-                out.append(got[0].strip())
-        elif i > m.end():  # "\boxed 5": a space is required, else it is another macro (\boxedx)
-            tok = re.match(r"[^\s$]+", text[i:])
-            if tok:
-                out.append(tok.group(0).rstrip(".,"))
-    return out
-
-
-def last_boxed(text: str) -> str | None:
-    boxes = boxed_contents(text)
-    return boxes[-1] if boxes else None
-
-
-# ---------------------------------------------------------------------------------------------
 # answer extraction from model output
 
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
-_ANSWER_IS = re.compile(
-    r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(.+?)(?:\n|$)",
-    re.IGNORECASE,
+# "the answer is", "Final answer:", "**Final Answer**:", "answer = ..." (the value follows it)
+_ANSWER_MARK = re.compile(
+    r"\b(?:final\s+answer|answer)\b(?:\s*\*\*)?\s*(?:is\b|:|=)\s*:?(?:\s*\*\*)?", re.IGNORECASE
 )
+_SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|\n")
+# Inline maths that opens a statement may span lines (a pmatrix); same rule as INLINE_MATH.
+_LEADING_INLINE = re.compile(r"\$(?!\s)([^$]*?[^\s$\\])\$(?!\d)")
+_COPULA = re.compile(r"\b(?:is|are|was|were|equals)\b|=", re.IGNORECASE)
+# A LaTeX command with a brace group of letters (\begin{pmatrix}, \text{ cm}): not prose words.
+_LATEX_CMD = re.compile(r"\\[A-Za-z]+(?:\{[A-Za-z*\s]*\})?")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+# A truncated completion's last run of characters may itself be cut ("4" of "42") unless it
+# ends a sentence or closes a group.
+_TAIL = re.compile(r"\S+$")
+_CLOSED_TAIL = re.compile(r"[.!?}\])$*]$")
 
 
-def _final_section(text: str) -> str | None:
-    try:
-        from glyph_core.glyphs import parse_trace
-    except ImportError:  # pragma: no cover - the lead's module always exists in the package
-        idx = text.rfind(FINAL_GLYPH)
-        return text[idx + len(FINAL_GLYPH) :].strip() or None
-    return parse_trace(text).final_answer
+def complete_prefix(text: str) -> str:
+    """``text`` without its last run of non-space characters when that run may be cut off."""
+    m = _TAIL.search(text)
+    if m and not _CLOSED_TAIL.search(m.group()):
+        return text[: m.start()]
+    return text
 
 
 def _clean_span(ans: str) -> str:
     ans = ans.strip()
     # "$42$." -> "42"; a sentence-ending period is not part of the answer ("3.5" keeps its dot)
-    ans = re.sub(r"[.;,]+$", "", ans).strip()
-    if len(ans) >= 2 and ans[0] == "$" and ans[-1] == "$" and ans.count("$") == 2:
+    ans = re.sub(r"[.;,:]+$", "", ans).strip()
+    if len(ans) >= 4 and ans.startswith("$$") and ans.endswith("$$") and ans.count("$") == 4:
+        ans = ans[2:-2].strip()
+    elif len(ans) >= 2 and ans[0] == "$" and ans[-1] == "$" and ans.count("$") == 2:
         ans = ans[1:-1].strip()
     elif ans.startswith("\\(") and ans.endswith("\\)") or ans.startswith("\\[") and ans.endswith("\\]"):
         ans = ans[2:-2].strip()
     ans = re.sub(r"^\*\*|\*\*$", "", ans).strip()
-    return ans
+    return re.sub(r"[.;,]+$", "", ans).strip()
+
+
+def _leading_statement(text: str) -> str | None:
+    """What ``text`` states first: a maths block it opens with (it may span lines: display
+    maths, a matrix), else its first sentence; a lead-in line ending in ":" ("Therefore:") is
+    skipped. None when it opens maths that never closes (cut off)."""
+    body = text.lstrip()
+    while body:
+        if body.startswith(("\\[", "$$", "\\(")):
+            m = DISPLAY_MATH.match(body) or INLINE_MATH.match(body)
+            return m.group(0) if m else None
+        m = _LEADING_INLINE.match(body)
+        if m:
+            return m.group(0)
+        end = _SENTENCE_END.search(body)
+        statement = body[: end.start()] if end else body
+        if not statement.rstrip().endswith(":") or not end:
+            return statement
+        body = body[end.end() :].lstrip()
+    return ""
+
+
+def _candidates(text: str) -> tuple[list[tuple[int, str]], str]:
+    """Maths spans and plain numbers in ``text`` with their positions, and ``text`` with its
+    maths blanked out (so words and copulas are only looked for in the prose)."""
+    found: list[tuple[int, str]] = []
+    prose = list(text)
+    for start, end, content in math_spans(text):
+        found.append((start, content))
+        prose[start:end] = " " * (end - start)
+    blanked = "".join(prose)
+    found += [(m.start(), m.group()) for m in _NUMBER_RE.finditer(blanked)]
+    return sorted(found), blanked
+
+
+def _pick(statement: str, *, first: bool) -> str:
+    """The answer inside a statement. A bare expression ("16", "$\\frac{3}{4}$", "16 eggs",
+    "x = 5 or x = -2") is the answer as written. A sentence around numbers or maths ("Myrtle
+    has 16 eggs.") gives one of them: the first when ``first`` (the statement follows "the
+    answer is"), else the first after the last copula (is, are, =, equals) that has one, else
+    the last."""
+    if any(rx.fullmatch(statement.strip()) for rx in (DISPLAY_MATH, INLINE_MATH, _LEADING_INLINE)):
+        return statement  # one maths block: an expression, whatever words its LaTeX holds
+    found, prose = _candidates(statement)
+    if not found or len(_WORD.findall(_LATEX_CMD.sub(" ", prose))) < 2:
+        return statement
+    if first or len(found) == 1:
+        return found[0][1]
+    for cop in reversed(list(_COPULA.finditer(prose))):
+        after = [c for pos, c in found if pos >= cop.end()]
+        if after:
+            return after[0]
+    return found[-1][1]
+
+
+def _after_marker(text: str) -> str | None:
+    """The answer after the last "answer is"/"Final answer:" marker that states one."""
+    for m in reversed(list(_ANSWER_MARK.finditer(text))):
+        statement = _leading_statement(text[m.end() :])
+        if statement:
+            ans = _clean_span(_pick(statement, first=True))
+            if ans:
+                return ans
+    return None
 
 
 def answer_from_final(final: str | None) -> str | None:
-    """The answer inside a 🝞 section: its last ``\\boxed{}``, else the section without ``$``/period."""
-    if not final:
+    """The answer inside a 🝞 section (label already stripped), or None.
+
+    In order: None when the section is cut off inside its maths (:func:`open_math`: an unclosed
+    ``\\boxed{`` or ``\\[``); its last ``\\boxed{}``; the value after an "answer is" marker;
+    else its first statement (a display-maths block, or the first sentence), reduced to the
+    number or maths in it when it is a sentence (:func:`_pick`).
+    """
+    if not final or not final.strip():
+        return None
+    if open_math(final):
         return None
     boxed = last_boxed(final)
     if boxed is not None:
         return boxed or None
-    said = _ANSWER_IS.findall(final)  # "🝞 The answer is 42." -> "42"
-    return _clean_span(said[-1] if said else final) or None
+    said = _after_marker(final)
+    if said:
+        return said
+    statement = _leading_statement(final)
+    if not statement:
+        return None
+    return _clean_span(_pick(statement, first=False)) or None
 
 
-def extract_answer(text: str | None) -> str | None:
-    """The model's final answer, or None when it gave none. Order documented in the module."""
+def _last_final_section(text: str) -> str | None:
+    """The last 🝞 section with content (a looping output repeats 🝞; the last one may be empty
+    or cut), or None when the text has no 🝞."""
+    finals = parse_trace(text).texts(Glyph.FINAL)
+    if not finals:
+        return None
+    return next((f for f in reversed(finals) if f), "")
+
+
+def extract_answer(text: str | None, *, truncated: bool = False) -> str | None:
+    """The model's final answer, or None when it gave none.
+
+    In order: the last non-empty 🝞 section (:func:`answer_from_final`; a section cut inside its
+    maths gives no answer at all); the last ``\\boxed{}``/``\\fbox{}`` unless the last box is
+    unclosed; the value after the last "answer is"/"Final answer:" marker; and only for a
+    completion that ended on its own, the last number.
+
+    ``truncated`` (the generation hit its token limit): the explicit markers above still count,
+    but the last run of characters is dropped when it may be cut ("4" of "42"), and there is no
+    last-number guess: that number would come from unfinished reasoning (a modulus, an index).
+    """
     if not text:
         return None
-    if FINAL_GLYPH in text:
-        ans = answer_from_final(_final_section(text))
+    if truncated:
+        text = complete_prefix(text)
+    final = _last_final_section(text)
+    if final is not None:
+        if final and open_math(final):
+            return None
+        ans = answer_from_final(final)
         if ans:
             return ans
-    boxed = last_boxed(text)
-    if boxed:
-        return boxed
-    matches = _ANSWER_IS.findall(text)
-    if matches:
-        ans = _clean_span(matches[-1])
-        if ans:
-            return ans
+    if not last_box_open(text):
+        boxed = last_boxed(text)
+        if boxed:
+            return boxed
+    said = _after_marker(text)
+    if said:
+        return said
+    if truncated:
+        return None
     nums = _NUMBER_RE.findall(text)
     if nums:
         return nums[-1].replace(",", "")
@@ -196,7 +274,8 @@ def normalize_answer(ans: str) -> str:
     if boxed is not None and s.startswith(("\\boxed", "\\fbox")):
         s = boxed
     s = s.replace("\\$", "").replace("$", "")
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", " ")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "")
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # a forced space "\ ", not a matrix row break "\\" and a space
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = s.replace("dfrac", "frac").replace("tfrac", "frac")
     s = s.replace("{,}", ",")

@@ -277,7 +277,12 @@ class TrainConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     split: Literal["test"] = Field(default="test", description="only held-out problems are evaluated")
-    per_bucket: int | None = Field(default=None, description="problems per (source, bucket); None = all")
+    per_stratum: int | None = Field(
+        default=None,
+        ge=1,
+        description="problems per sampling stratum (source and its own difficulty level: MATH level, "
+        "GSM8K solution steps, SVAMP operators); None = every held-out problem",
+    )
     max_new_tokens: int = Field(default=512, description="generation budget per problem")
     batch_size: int = Field(
         default=16, json_schema_extra=NOT_IN_KEY, description="prompts per generate() batch"

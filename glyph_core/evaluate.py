@@ -5,14 +5,17 @@ on hard problems than on easy ones. So:
 
 * only held-out problems (``split == "test"``, never trained on) are used, with the **latent**
   prompt, which never mentions glyphs, and greedy decoding (one deterministic answer each);
-* each completion is scored for *emergence* (any glyph), *partial* use (some glyphs but not a
-  valid trace) apart from *full valid structure* (:func:`validate_trace` finds nothing), answer
-  *correctness* (:func:`is_equivalent` on :func:`extract_answer`, not "last number"), and tokens;
-* rates get 95 % Wilson intervals (they stay inside [0, 1] and behave at 0 % and 100 %, where
-  the normal approximation collapses to a zero-width interval on small buckets);
-* selectivity is emergence(hard) − emergence(easy), and the AUROC of glyph use against the
-  continuous difficulty (Mann–Whitney with mid-ranks for ties): 0.5 means glyph use ignores
-  difficulty, 1.0 means every glyph-using problem is harder than every other one;
+* the sample is stratified per (source, difficulty level) (:func:`sample_heldout`,
+  :func:`stratum_of`), so selectivity *within* each source has problems at every level;
+* each completion is scored (:func:`score_completion`) for *emergence* (any glyph), *partial*
+  use (some glyphs but not a valid trace) apart from *full valid structure*
+  (:func:`validate_trace` finds nothing), answer *correctness* (:func:`is_equivalent` on
+  :func:`extract_answer`, not "last number"; a completion cut at the token limit without an
+  explicit answer has none), *truncation*, tokens, and the original study's columns
+  (:mod:`glyph_core.original_study`);
+* the statistics (:mod:`glyph_core.metrics`: Wilson intervals, within-source selectivity with
+  bootstrap intervals) and their rendering (:mod:`glyph_core.eval_report`) live apart, so the
+  CLI, the Prefect UI and ``glyph report`` show the same thing;
 * base and tuned model are scored on the *same* problems. The base model's completions have
   their own cache key (problems, base model, config) that does not involve the tuned model, so
   retraining never re-evaluates the base.
@@ -24,10 +27,8 @@ is one implementation of generation for the generate and evaluate stages.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from glyph_core import original_study
 from glyph_core.answers import extract_answer, is_equivalent
-from glyph_core.config import BUCKETS, EvalConfig, TeacherConfig
+from glyph_core.config import EvalConfig, TeacherConfig
 from glyph_core.errors import GlyphError
+from glyph_core.eval_report import markdown_report, plot_png
 from glyph_core.glyphs import ORDER, has_any_glyph, parse_trace, validate_trace
+from glyph_core.metrics import BASE_LABEL, TUNED_LABEL, aggregate, build_metrics
 from glyph_core.models import check_model_dir, resolve_base_model
 from glyph_core.outputs import Progress, StageOutput, StageStats, Timer, ref_of
 from glyph_core.prompts import TEMPLATE_HASH, latent_messages
@@ -48,10 +52,8 @@ from glyph_core.teachers import make_teacher
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
-Z95 = 1.959963984540054
-BASE_LABEL = "base"
-TUNED_LABEL = "tuned"
+# 2: new scoring (issue 13), truncation, strata, within-source selectivity, original columns.
+VERSION = "2"
 
 COMPLETION_SCHEMA = pa.schema(
     [
@@ -60,9 +62,12 @@ COMPLETION_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("bucket", pa.string()),
         ("difficulty", pa.float64()),
+        ("level", pa.int64()),
+        ("stratum", pa.string()),
         ("gold", pa.string()),
         ("completion", pa.string()),
         ("finish_reason", pa.string()),
+        ("truncated", pa.bool_()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("emerged", pa.bool_()),
@@ -72,6 +77,10 @@ COMPLETION_SCHEMA = pa.schema(
         ("violations", pa.list_(pa.string())),
         ("pred", pa.string()),
         ("correct", pa.bool_()),
+        ("orig_bucket", pa.string()),
+        ("orig_emerged", pa.bool_()),
+        ("orig_valid", pa.bool_()),
+        ("orig_correct", pa.bool_()),
         ("error", pa.string()),
     ]
 )
@@ -79,12 +88,13 @@ COMPLETION_SCHEMA = pa.schema(
 
 @dataclass
 class EvalResult:
-    """Every completion with its scores, the summary table, the metrics, and where they were
-    written (``paths``: name → local path or store URI)."""
+    """Every completion with its scores, the summary table, the metrics, the Markdown report and
+    the plot, and where they were written (``paths``: name → local path or store URI)."""
 
     completions: pa.Table
     table: pa.Table
     metrics: dict[str, Any]
+    markdown: str = field(default="", repr=False)
     plot_png: bytes = field(default=b"", repr=False)
     paths: dict[str, str] = field(default_factory=dict)
 
@@ -93,31 +103,55 @@ class EvalResult:
 # selection
 
 
-def select_problems(problems: pa.Table, cfg: EvalConfig) -> pa.Table:
-    """Held-out rows; with ``per_bucket``, the same ``per_bucket`` rows per (source, bucket) on
-    every machine (smallest ``sha256(seed:id)``), ordered by id."""
-    missing = {"id", "source", "split", "question", "answer", "difficulty", "bucket"} - set(
+# Sampling strata: a source and its own difficulty level, the scale within-source selectivity
+# is measured on. GSM8K steps and SVAMP operators are clamped into a few levels each, so every
+# stratum has problems (GSM8K test: 326 with 2 steps, 371, 297, 175, then 150 with 6 or more).
+STRATUM_LEVELS: dict[str, tuple[str, int | None, int | None]] = {
+    # source -> (unit, levels at or below this are one stratum, at or above this are one stratum)
+    "math": ("level", None, None),
+    "gsm8k": ("steps", 2, 6),
+    "svamp": ("ops", None, 3),
+}
+
+
+def stratum_of(source: str, level: int | None) -> str:
+    """``"math/level=3"``, ``"gsm8k/steps<=2"``, ``"gsm8k/steps>=6"``, ``"svamp/ops=2"``, …;
+    ``"<source>/<unit>=?"`` when the level is unknown."""
+    unit, low, high = STRATUM_LEVELS.get(source, ("level", None, None))
+    if level is None:
+        return f"{source}/{unit}=?"
+    if low is not None and level <= low:
+        return f"{source}/{unit}<={low}"
+    if high is not None and level >= high:
+        return f"{source}/{unit}>={high}"
+    return f"{source}/{unit}={level}"
+
+
+def sample_heldout(problems: pa.Table, cfg: EvalConfig) -> pa.Table:
+    """Held-out rows; with ``per_stratum``, the same ``per_stratum`` rows per stratum
+    (:func:`stratum_of`) on every machine (smallest ``sha256(seed:id)``), ordered by id."""
+    missing = {"id", "source", "split", "question", "answer", "difficulty", "bucket", "level"} - set(
         problems.column_names
     )
     if missing:
         raise GlyphError(f"problems table lacks columns {sorted(missing)}")
     held = problems.filter(pc.equal(problems["split"], cfg.split))
     rows = held.to_pylist()
-    if cfg.per_bucket is not None:
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    if cfg.per_stratum is not None:
+        groups: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            groups.setdefault((r["source"], r["bucket"]), []).append(r)
+            groups.setdefault(stratum_of(r["source"], r["level"]), []).append(r)
         rows = []
         for key in sorted(groups):
             ranked = sorted(
                 groups[key], key=lambda r: hashlib.sha256(f"{cfg.seed}:{r['id']}".encode()).hexdigest()
             )
-            rows.extend(ranked[: cfg.per_bucket])
+            rows.extend(ranked[: cfg.per_stratum])
     rows.sort(key=lambda r: r["id"])
     if not rows:
         raise GlyphError(
             f"empty evaluation set: no problems with split == {cfg.split!r}"
-            + (f" (per_bucket={cfg.per_bucket})" if cfg.per_bucket is not None else "")
+            + (f" (per_stratum={cfg.per_stratum})" if cfg.per_stratum is not None else "")
         )
     return pa.Table.from_pylist(rows, schema=held.schema)
 
@@ -126,268 +160,29 @@ def select_problems(problems: pa.Table, cfg: EvalConfig) -> pa.Table:
 # scoring
 
 
-def score_completion(text: str, gold: str) -> dict[str, Any]:
-    """Glyph emergence, structure and correctness of one completion."""
+def score_completion(text: str, gold: str, finish_reason: str | None = None) -> dict[str, Any]:
+    """Glyph emergence, structure and correctness of one completion.
+
+    ``finish_reason == "length"`` (cut at the token limit) is recorded as ``truncated``; such a
+    completion only has a prediction when it states one explicitly (🝞, ``\\boxed{}``, "the
+    answer is"), never a number picked out of its unfinished reasoning.
+    """
     trace = parse_trace(text)
     emerged = has_any_glyph(text)
     violations = [str(v) for v in validate_trace(trace)] if emerged else []
     valid = emerged and not violations
-    pred = extract_answer(text)
+    truncated = finish_reason == "length"
+    pred = extract_answer(text, truncated=truncated)
     return {
         "emerged": emerged,
         "glyph_kinds": sum(1 for g in ORDER if g in trace.glyphs_used),
         "partial": emerged and not valid,
         "valid": valid,
         "violations": violations,
+        "truncated": truncated,
         "pred": pred,
         "correct": bool(pred is not None and is_equivalent(pred, gold)),
     }
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials; (nan, nan) when n == 0."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends, not 1 - 1e-16
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (lo, hi)
-
-
-def mean_ci(values: list[float], z: float = Z95) -> tuple[float, float, float]:
-    """Mean with a normal-approximation interval (tokens are bounded; fine for n ≳ 10)."""
-    n = len(values)
-    if n == 0:
-        return (math.nan, math.nan, math.nan)
-    m = sum(values) / n
-    if n == 1:
-        return (m, math.nan, math.nan)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    half = z * sd / math.sqrt(n)
-    return (m, m - half, m + half)
-
-
-def auroc(labels: list[bool], scores: list[float]) -> float | None:
-    """P(score of a positive > score of a negative), ties counting ½ (Mann–Whitney U / n₊n₋).
-
-    None when either class is empty: selectivity is undefined if the model always or never
-    uses glyphs.
-    """
-    pairs = sorted(zip(scores, labels, strict=True), key=lambda p: p[0])
-    n_pos = sum(1 for _, y in pairs if y)
-    n_neg = len(pairs) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    rank_sum, i = 0.0, 0
-    while i < len(pairs):  # mid-ranks over runs of tied scores
-        j = i
-        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
-            j += 1
-        mid = (i + j) / 2 + 1
-        rank_sum += mid * sum(1 for k in range(i, j + 1) if pairs[k][1])
-        i = j + 1
-    u = rank_sum - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg)
-
-
-# ---------------------------------------------------------------------------------------------
-# aggregation
-
-TABLE_SCHEMA = pa.schema(
-    [
-        ("model", pa.string()),
-        ("group_by", pa.string()),
-        ("group", pa.string()),
-        ("n", pa.int64()),
-        ("emergence", pa.float64()),
-        ("emergence_lo", pa.float64()),
-        ("emergence_hi", pa.float64()),
-        ("partial", pa.float64()),
-        ("valid", pa.float64()),
-        ("valid_lo", pa.float64()),
-        ("valid_hi", pa.float64()),
-        ("accuracy", pa.float64()),
-        ("accuracy_lo", pa.float64()),
-        ("accuracy_hi", pa.float64()),
-        ("mean_tokens", pa.float64()),
-        ("tokens_lo", pa.float64()),
-        ("tokens_hi", pa.float64()),
-    ]
-)
-
-
-def _group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    n = len(rows)
-    out: dict[str, Any] = {"n": n}
-    for name, col in (("emergence", "emerged"), ("valid", "valid"), ("accuracy", "correct")):
-        k = sum(1 for r in rows if r[col])
-        lo, hi = wilson(k, n)
-        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = (k / n if n else math.nan), lo, hi
-    out["partial"] = sum(1 for r in rows if r["partial"]) / n if n else math.nan
-    m, lo, hi = mean_ci([float(r["completion_tokens"]) for r in rows])
-    out["mean_tokens"], out["tokens_lo"], out["tokens_hi"] = m, lo, hi
-    return out
-
-
-def _bucket_order(b: str) -> tuple[int, str]:
-    return (BUCKETS.index(b) if b in BUCKETS else len(BUCKETS), b)  # type: ignore[arg-type]
-
-
-def aggregate(scored: pa.Table) -> pa.Table:
-    """Per model: all problems, per bucket, per source and per (source, bucket)."""
-    rows = scored.to_pylist()
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    out: list[dict[str, Any]] = []
-    for model in models:
-        mine = [r for r in rows if r["model"] == model]
-        out.append({"model": model, "group_by": "all", "group": "all", **_group_stats(mine)})
-        for b in sorted({r["bucket"] for r in mine}, key=_bucket_order):
-            sel = [r for r in mine if r["bucket"] == b]
-            out.append({"model": model, "group_by": "bucket", "group": b, **_group_stats(sel)})
-        for s in sorted({r["source"] for r in mine}):
-            sel = [r for r in mine if r["source"] == s]
-            out.append({"model": model, "group_by": "source", "group": s, **_group_stats(sel)})
-        for s, b in sorted(
-            {(r["source"], r["bucket"]) for r in mine}, key=lambda x: (x[0], _bucket_order(x[1]))
-        ):
-            sel = [r for r in mine if r["source"] == s and r["bucket"] == b]
-            out.append(
-                {"model": model, "group_by": "source_bucket", "group": f"{s}/{b}", **_group_stats(sel)}
-            )
-    return pa.Table.from_pylist(out, schema=TABLE_SCHEMA)
-
-
-def selectivity(scored: pa.Table) -> dict[str, dict[str, float | None]]:
-    rows = scored.to_pylist()
-    out: dict[str, dict[str, float | None]] = {}
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        rate = {}
-        for b in ("easy", "hard"):
-            sel = [r for r in mine if r["bucket"] == b]
-            rate[b] = sum(r["emerged"] for r in sel) / len(sel) if sel else None
-        diff = rate["hard"] - rate["easy"] if rate["hard"] is not None and rate["easy"] is not None else None
-        out[model] = {
-            "emergence_hard_minus_easy": diff,
-            "auroc_glyph_vs_difficulty": auroc([r["emerged"] for r in mine], [r["difficulty"] for r in mine]),
-            "valid_auroc_vs_difficulty": auroc([r["valid"] for r in mine], [r["difficulty"] for r in mine]),
-        }
-    return out
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def build_metrics(scored: pa.Table, table: pa.Table, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The metrics JSON: per model overall / by bucket / by source, selectivity, and tuned − base."""
-    sel = selectivity(scored)
-    trows = table.to_pylist()
-    srows = scored.to_pylist()
-    models: dict[str, Any] = {}
-
-    def stats(r: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in r.items() if k not in ("model", "group_by", "group")}
-
-    for model in dict.fromkeys(r["model"] for r in trows):
-        mine = [r for r in trows if r["model"] == model]
-        reasons = [r["finish_reason"] for r in srows if r["model"] == model]
-        models[model] = {
-            "overall": next(stats(r) for r in mine if r["group_by"] == "all"),
-            "by_bucket": {r["group"]: stats(r) for r in mine if r["group_by"] == "bucket"},
-            "by_source": {r["group"]: stats(r) for r in mine if r["group_by"] == "source"},
-            "selectivity": sel[model],
-            "errors": reasons.count("error"),
-            "truncated": reasons.count("length"),
-        }
-    metrics: dict[str, Any] = {"stage": "evaluate", "version": VERSION, "models": models, **(extra or {})}
-    if BASE_LABEL in models and TUNED_LABEL in models:
-        delta: dict[str, Any] = {}
-        for b, tuned in models[TUNED_LABEL]["by_bucket"].items():
-            base = models[BASE_LABEL]["by_bucket"].get(b)
-            if base:
-                delta[b] = {m: tuned[m] - base[m] for m in ("emergence", "valid", "accuracy", "mean_tokens")}
-        metrics["tuned_minus_base"] = delta
-    return _nan_to_none(metrics)
-
-
-# ---------------------------------------------------------------------------------------------
-# presentation
-
-
-def display_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """The side-by-side table: per bucket and overall, model next to model."""
-    rows = [r for r in table.to_pylist() if r["group_by"] in ("bucket", "all")]
-    return sorted(
-        rows, key=lambda r: (_bucket_order(r["group"]) if r["group"] != "all" else (99, ""), r["model"])
-    )
-
-
-def _fmt_rate(p: float, lo: float, hi: float) -> str:
-    if p != p:
-        return "–"
-    return f"{100 * p:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
-
-
-def markdown_table(table: pa.Table) -> str:
-    lines = [
-        "| bucket | model | n | emergence | valid structure | accuracy | mean tokens |",
-        "|---|---|---:|---|---|---|---:|",
-    ]
-    for r in display_rows(table):
-        lines.append(
-            f"| {r['group']} | {r['model']} | {r['n']} | "
-            f"{_fmt_rate(r['emergence'], r['emergence_lo'], r['emergence_hi'])} | "
-            f"{_fmt_rate(r['valid'], r['valid_lo'], r['valid_hi'])} | "
-            f"{_fmt_rate(r['accuracy'], r['accuracy_lo'], r['accuracy_hi'])} | {r['mean_tokens']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_png(table: pa.Table) -> bytes:
-    """Emergence and accuracy by bucket, one bar per model, Wilson intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in table.to_pylist() if r["group_by"] == "bucket"]
-    buckets = sorted({r["group"] for r in rows}, key=_bucket_order)
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    width = 0.8 / max(1, len(models))
-    for ax, metric, title in ((axes[0], "emergence", "Glyph emergence"), (axes[1], "accuracy", "Accuracy")):
-        for j, model in enumerate(models):
-            xs, ys, err_lo, err_hi = [], [], [], []
-            for i, b in enumerate(buckets):
-                r = next((r for r in rows if r["model"] == model and r["group"] == b), None)
-                if r is None:
-                    continue
-                xs.append(i + (j - (len(models) - 1) / 2) * width)
-                ys.append(r[metric])
-                err_lo.append(max(0.0, r[metric] - r[f"{metric}_lo"]))
-                err_hi.append(max(0.0, r[f"{metric}_hi"] - r[metric]))
-            ax.bar(xs, ys, width, yerr=[err_lo, err_hi], capsize=3, label=model)
-        ax.set_xticks(range(len(buckets)), buckets)
-        ax.set_ylim(0, 1)
-        ax.set_title(title)
-        ax.set_xlabel("difficulty bucket")
-    axes[0].set_ylabel("rate (95% Wilson CI)")
-    axes[1].legend(loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +328,7 @@ def score_rows(rows: list[dict[str, Any]], completions: list[Any], label: str) -
     out = []
     for r, c in zip(rows, completions, strict=True):
         text = c.text or ""
-        scores = score_completion(text, r["answer"])
+        level = r.get("level")  # optional in hand-made rows: then no stratum, no within-source AUROC
         out.append(
             {
                 "model": label,
@@ -541,12 +336,15 @@ def score_rows(rows: list[dict[str, Any]], completions: list[Any], label: str) -
                 "source": r["source"],
                 "bucket": r["bucket"],
                 "difficulty": float(r["difficulty"]),
+                "level": level,
+                "stratum": stratum_of(r["source"], level) if level is not None else None,
                 "gold": r["answer"],
                 "completion": text,
                 "finish_reason": c.finish_reason,
                 "prompt_tokens": int(c.prompt_tokens),
                 "completion_tokens": int(c.completion_tokens),
-                **scores,
+                **score_completion(text, r["answer"], c.finish_reason),
+                **original_study.score(text, r.get("question"), r["answer"]),
                 "error": c.error,
             }
         )
@@ -554,9 +352,15 @@ def score_rows(rows: list[dict[str, Any]], completions: list[Any], label: str) -
 
 
 def report(scored: pa.Table, extra: dict[str, Any] | None = None) -> EvalResult:
+    """Table, metrics, Markdown report and plot of scored completions."""
     table = aggregate(scored)
+    metrics = build_metrics(scored, table, extra, version=VERSION)
     return EvalResult(
-        completions=scored, table=table, metrics=build_metrics(scored, table, extra), plot_png=plot_png(table)
+        completions=scored,
+        table=table,
+        metrics=metrics,
+        markdown=markdown_report(metrics),
+        plot_png=plot_png(metrics),
     )
 
 
@@ -573,7 +377,7 @@ def _write_local(result: EvalResult, out_dir: Path) -> None:
     }
     pq.write_table(result.completions, paths["completions"])
     pq.write_table(result.table, paths["table"])
-    paths["table_md"].write_text(markdown_table(result.table))
+    paths["table_md"].write_text(result.markdown)
     paths["metrics"].write_text(json.dumps(result.metrics, indent=2, default=str))
     paths["plot"].write_bytes(result.plot_png)
     result.paths = {k: str(v) for k, v in paths.items()}
@@ -593,7 +397,7 @@ def evaluate(
     All input checks (empty set, missing weights, adapter for another base) run before any
     model is loaded.
     """
-    selected = select_problems(problems, cfg)
+    selected = sample_heldout(problems, cfg)
     tuned_path = str(check_tuned_model(model, base_model)) if model is not None else None
     base_path = resolve_base_model(base_model)
     parts = []
@@ -664,7 +468,7 @@ def evaluate_refs(
     re-trained models; a ``ModelRef`` of kind ``base`` evaluates the base model alone.
     """
     problems = store.read_table(problems_ref)
-    selected = select_problems(problems, cfg)  # empty set fails before any download or load
+    selected = sample_heldout(problems, cfg)  # empty set fails before any download or load
     out_key = key(cfg, problems=problems_ref, model=model_ref)
     base_model = model_ref.base_model
     tuned_dir: str | None = None
@@ -700,7 +504,7 @@ def evaluate_refs(
     result = report(pa.concat_tables(parts), extra)
     scored_ref = store.write_table(result.completions, "evaluate", out_key, "scored.parquet")
     table_ref = store.write_table(result.table, "evaluate", out_key, "table.parquet")
-    store.publish_bytes(store.uri("evaluate", out_key, "table.md"), markdown_table(result.table).encode())
+    store.publish_bytes(store.uri("evaluate", out_key, "table.md"), result.markdown.encode())
     store.publish_bytes(store.uri("evaluate", out_key, "emergence_accuracy.png"), result.plot_png)
     metrics_uri = store.write_json(result.metrics, "evaluate", out_key, "metrics.json")
     result.paths = {

@@ -2,8 +2,14 @@
 
 A trace is valid when Guideline, Plan, Takeaway and Final answer appear exactly once, Step at
 least once, in the order 🜞 < 🜆 < 🜂… < 🜃 < 🝞, with no empty section and a final answer
-that is not blank. Validation returns *all* violations by name rather than a bool, because the
-filter stage counts them and a person debugging a teacher needs to know what went wrong.
+that is not blank and not cut off inside its maths (an unclosed ``\\boxed{`` or ``\\[``).
+Validation returns *all* violations by name rather than a bool, because the filter stage counts
+them and a person debugging a teacher needs to know what went wrong.
+
+Models write invisible characters after a glyph: a variation selector (U+FE0F asks for the
+emoji presentation) or a zero-width joiner. They belong to the glyph, not to its section;
+otherwise "🜞\\uFE0F" followed by the next glyph would hide an empty section from the
+validator and leak into the extracted answer.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from glyph_core.latex import open_math
 
 
 class Glyph(StrEnum):
@@ -30,10 +38,16 @@ GLYPH_NAMES: dict[Glyph, str] = {
 }
 ORDER: tuple[Glyph, ...] = (Glyph.GUIDELINE, Glyph.PLAN, Glyph.STEP, Glyph.TAKEAWAY, Glyph.FINAL)
 _RANK = {g: i for i, g in enumerate(ORDER)}
-_SPLIT = re.compile("(" + "|".join(re.escape(g.value) for g in ORDER) + ")")
-# A teacher often writes "🜂 Step 1:" or "🝞 Final answer:"; the label is not content.
+# Variation selectors, zero-width (non-)joiners/space, word joiner, byte-order mark.
+INVISIBLE = "\ufe00-\ufe0f\u200b-\u200d\u2060\ufeff"
+_EDGES = re.compile(f"^[\\s{INVISIBLE}]+|[\\s{INVISIBLE}]+$")
+_SPLIT = re.compile("(" + "|".join(re.escape(g.value) for g in ORDER) + f")[{INVISIBLE}]*")
+# A teacher often writes "🜂 Step 1:" or "🝞 Final answer:", a tuned model also
+# "🝞 **Final Answer**" or "🝞 ### Final answer" on a line of its own above the content; the
+# label is not content.
 _LABEL = re.compile(
-    r"^\s*(?:\*\*)?\s*(?:guideline|plan|step(?:\s*\d+)?|takeaway|final\s+answer|answer)\s*(?:\*\*)?\s*[:\-–]\s*(?:\*\*)?",
+    r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:guideline|plan|step(?:\s*\d+)?|takeaway|final\s+answer|answer)"
+    r"\s*(?:\*\*)?\s*(?:[:\-–]|(?=\n\s*\S))\s*(?:\*\*)?",
     re.IGNORECASE,
 )
 
@@ -73,7 +87,7 @@ class Trace:
 
 
 def _strip_label(text: str) -> str:
-    return _LABEL.sub("", text, count=1).strip()
+    return _EDGES.sub("", _LABEL.sub("", _EDGES.sub("", text), count=1))
 
 
 def parse_trace(text: str) -> Trace:
@@ -110,7 +124,8 @@ def validate_trace(text: str | Trace) -> list[Violation]:
         add(Violation.WRONG_ORDER)
     if any(not s.text for s in trace.sections if s.glyph is not Glyph.FINAL):
         add(Violation.EMPTY_SECTION)
-    if counts[Glyph.FINAL] and not trace.final_answer:
+    final = trace.final_answer
+    if counts[Glyph.FINAL] and (not final or open_math(final)):
         add(Violation.NO_FINAL_ANSWER)
     return found
 

@@ -9,7 +9,8 @@ stage later hashes into its cache key, and a typo fails before anything runs (`e
   steps, a few evaluation problems. Seconds per stage on a 2-core CPU.
 - `demo`: SmolLM2-135M-Instruct (alias `smollm2-135m`) on the real local data (the Hub when
   `../shared/data` is absent), sized by measurement for ~4 minutes of pipeline on 2 CPU cores
-  (README.md, "The demo"): 19 SFT rows × 3 epochs of LoRA, 13 held-out problems, base vs tuned.
+  (README.md, "The demo"): 19 SFT rows × 3 epochs of LoRA, 11 held-out problems (one per source and
+  difficulty level), base vs tuned.
 - `full`: Hub data at pinned revisions, Qwen2.5-7B-Instruct as teacher and student, vLLM.
 """
 
@@ -135,7 +136,7 @@ def _tiny() -> PipelineConfig:
             device="cpu",
             save_steps=1000,
         ),
-        evaluate=EvalConfig(per_bucket=1, max_new_tokens=16, batch_size=8, compare_base=True),
+        evaluate=EvalConfig(per_stratum=1, max_new_tokens=16, batch_size=8, compare_base=True),
         retries=1,
         retry_delay_s=0.2,
     )
@@ -148,9 +149,10 @@ def _demo() -> PipelineConfig:
     so training gets a budget of ~15k tokens: 12 problems per source → ~17 SFT rows, truncated
     at 384 tokens, 3 epochs. Emergence needs a strong signal (a GPU run with 2e-4 and 120 rows
     showed none; 1e-3 and 1,068 rows × 6 epochs did), so a high learning rate and glyph rows for
-    medium and hard problems. Evaluation is the other big cost (two models generate): 2 problems
-    per (source, bucket), 128 new tokens, which is enough to see whether a completion *starts*
-    with the glyph structure but often too short for a complete, valid trace.
+    medium and hard problems. Evaluation is the other big cost (two models generate): one problem
+    per (source, difficulty level) stratum, 11 of the 24 held-out problems (all five MATH levels),
+    128 new tokens, which is enough to see whether a completion *starts* with the glyph structure
+    but often too short for a complete, valid trace (the report's truncation warning says so).
     """
     return _build(
         profile="demo",
@@ -177,7 +179,7 @@ def _demo() -> PipelineConfig:
             logging_steps=5,
             save_steps=25,
         ),
-        evaluate=EvalConfig(per_bucket=2, max_new_tokens=128, batch_size=8, compare_base=True),
+        evaluate=EvalConfig(per_stratum=1, max_new_tokens=128, batch_size=8, compare_base=True),
     )
 
 
@@ -197,7 +199,7 @@ def _full() -> PipelineConfig:
         train=TrainConfig(
             base_model=qwen, method="lora", epochs=2.0, batch_size=4, grad_accum=4, max_seq_len=2048
         ),
-        evaluate=EvalConfig(per_bucket=None, max_new_tokens=1024, backend="vllm"),
+        evaluate=EvalConfig(per_stratum=None, max_new_tokens=1024, backend="vllm"),
         gpu_pool=None,
     )
 

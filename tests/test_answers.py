@@ -7,16 +7,15 @@ from pathlib import Path
 import pytest
 
 from glyph_core.answers import (
-    boxed_contents,
     extract_answer,
     gsm8k_gold,
     is_equivalent,
-    last_boxed,
     math_gold,
     svamp_gold,
     to_number,
 )
 from glyph_core.glyphs import format_trace
+from glyph_core.latex import boxed_contents, last_boxed
 
 
 @pytest.mark.parametrize(
@@ -150,3 +149,152 @@ def test_math500_gold_agrees_with_official_answer(data_dir: Path) -> None:
     for d in disagree:
         print("disagree:", *d)
     assert len(disagree) <= 5, disagree  # >= 99 % of 500
+
+
+# -- what tuned models really write (issue 13) ------------------------------------------------
+# Each input is written in the shape of an observed failure: a 7B model after glyph SFT, greedy.
+
+G, P, S, T, F = "\U0001f71e", "\U0001f706", "\U0001f702", "\U0001f703", "\U0001f75e"
+HEAD = (
+    f"{G} Work out the total before dividing.\n{P} Count the eggs, subtract the used ones.\n"
+    f"{S} 3 + 4 = 7 eggs eaten or baked.\n{S} 16 - 7 = 9 eggs left.\n{T} She sells 9 eggs.\n"
+)
+DISPLAY_AFTER_COLON = (
+    "To find the probability we count the favourable outcomes: there are 3 of them among 4.\n\n"
+    "Therefore, the final answer is:\n\\[\n\\dfrac{3}{4}\n\\]"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "gold"),
+    [
+        (DISPLAY_AFTER_COLON, "\\frac{3}{4}"),
+        ("So we get 12 cookies per tray.\n\nThe final answer is:\n$$\n12\n$$", "12"),
+        (HEAD + f"{F} The final answer is:\n\\[\n\\frac{{3}}{{4}}\n\\]", "0.75"),
+        (HEAD + f"{F}\n\\[ x = 9 \\]", "9"),
+        ("The answer is: \\( 18 \\).", "18"),
+    ],
+)
+def test_display_maths_after_the_final_answer_is(text: str, gold: str) -> None:
+    pred = extract_answer(text)
+    assert pred is not None and "\\[" not in pred and "$" not in pred
+    assert is_equivalent(pred, gold)
+
+
+CUT_MID_REASONING = (
+    "Let the number of students be n. Since n leaves remainder 3 when divided by 7, we have "
+    "n = 7k + 3. Checking k = 0, 1, 2 gives 3, 10, 17, and 17 mod 5 = 2, so we try the next "
+    "index, k = 3, which gives 24 and 24 mod 5 = 4. Continuing with k = 4 we get 31 and 31 mod 5"
+)
+
+
+def test_truncated_completion_without_a_marker_has_no_answer() -> None:
+    assert extract_answer(CUT_MID_REASONING) == "5"  # what the last-number fallback would pick
+    assert extract_answer(CUT_MID_REASONING, truncated=True) is None
+    # explicit markers still count when the output was cut later on
+    boxed = "So the answer is \\boxed{31}. Let me double-check this by computing 31 mod 5 = 1 and"
+    assert extract_answer(boxed, truncated=True) == "31"
+    said = "The answer is 42.\nLet me verify: 6 times 7 is 4"
+    assert extract_answer(said, truncated=True) == "42"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # the last, cut run may be part of a longer number: "4" of "42"
+        ("Work: 6 * 7. The answer is 4", None),
+        (f"{F} 42\n{F} 42\n{F} 42\n{F} 4", "42"),
+        ("The answer is 42. The answer is 42. The answer is 4", "42"),
+        # a run that closes a group or a sentence is complete
+        ("so the final answer is $\\boxed{42}$", "42"),
+        ("Hence the answer is 42.", "42"),
+        (HEAD + f"{F} 9", None),
+        (HEAD + f"{F} 9\n\nThe reasoning above is comp", "9"),
+    ],
+)
+def test_truncation_drops_a_possibly_cut_tail(text: str, expected: str | None) -> None:
+    assert extract_answer(text, truncated=True) == expected
+
+
+def test_variation_selector_after_a_glyph_is_not_in_the_answer() -> None:
+    text = HEAD + f"{F}\ufe0f 9"
+    assert extract_answer(text) == "9"
+    assert extract_answer(HEAD + f"{F}\ufe0f \\boxed{{9}}\u200d") == "9"
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        "\\boxed{\\frac{3}{",
+        "The final answer is $\\boxed{\\dfrac{1}{2} + \\sqrt{",
+        "\\[\n\\frac{3}{4} + ",
+    ],
+)
+def test_final_section_cut_inside_its_maths_has_no_answer(final: str) -> None:
+    text = HEAD + f"{F} {final}"
+    assert extract_answer(text) is None
+    assert extract_answer(text, truncated=True) is None
+    # not the fragment, and not a number picked out of the fragment or the steps either
+    assert extract_answer("Some steps 16 - 7 = 9.\n\\boxed{\\frac{3}{", truncated=True) is None
+
+
+@pytest.mark.parametrize(
+    ("final", "gold"),
+    [
+        ("Myrtle has 16 eggs.", "16"),
+        ("Janet makes $18 every day at the farmers' market.", "18"),
+        ("The total cost is $1,250.", "1250"),
+        ("After 3 days, the tank holds 16 gallons, which is even.", "16"),
+        ("The area of the triangle is $\\frac{3}{4}$ square units.", "0.75"),
+        ("So x = 3 + 4 = 7 apples in all.", "7"),
+        ("Final answer: 18 dollars", "18"),
+        ("**Final Answer**\n16", "16"),
+        ("### Final answer\n\\(\\dfrac{2}{3}\\)", "\\frac{2}{3}"),
+        ("16 eggs\n\nHuman: Thanks! Now what about 20 eggs?", "16"),
+        ("Therefore:\n\n$\\frac{3}{4}$ of the tank.", "0.75"),
+    ],
+)
+def test_final_section_that_is_a_sentence_or_has_a_label(final: str, gold: str) -> None:
+    pred = extract_answer(HEAD + f"{F} {final}")
+    assert is_equivalent(pred, gold), pred
+
+
+@pytest.mark.parametrize(
+    ("text", "gold"),
+    [
+        (f"{F} \\boxed{{\\frac{{\\sqrt{{3}}}}{{2}}}}", "\\frac{\\sqrt3}{2}"),
+        (f"{F} \\boxed{{\\left(3, \\frac{{\\pi}}{{2}}\\right)}}", "(3,\\frac{\\pi}{2})"),
+        (f"{F} $\\dfrac{{7}}{{12}}$", "\\frac{7}{12}"),
+        (f"{F} 1,000,000", "1000000"),
+        (f"{F} \\$2{{,}}500", "2500"),
+        (f"{F} 45^\\circ", "45"),
+        (f"{F} 12 \\text{{ cm}}^2", "12"),
+        ("**Final Answer:** $x = 5$", "5"),
+        ("The answer is 42 because 6 times 7 is 42, and 7 is prime.", "42"),
+        ("The answer is $18 and the tip was $20.", "18"),
+    ],
+)
+def test_adversarial_shapes_still_score(text: str, gold: str) -> None:
+    assert is_equivalent(extract_answer(text), gold)
+
+
+def test_looping_output_takes_the_last_complete_final_section() -> None:
+    loop = HEAD + "\n".join([f"{F} 9", f"{T} She sells 9 eggs.", f"{F} 9"] * 5) + f"\n{F} "
+    assert extract_answer(loop) == "9"
+    assert extract_answer(loop, truncated=True) == "9"
+
+
+def test_multiline_maths_in_the_final_section_is_kept_whole() -> None:
+    matrix = "$\\begin{pmatrix}\n 1 \\\\\n -2\n\\end{pmatrix}$"
+    assert extract_answer(f"{F} {matrix}") == "\\begin{pmatrix}\n 1 \\\\\n -2\n\\end{pmatrix}"
+    assert is_equivalent(extract_answer(f"{F} {matrix}"), "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}")
+
+
+def test_math_text_answers_are_kept_whole() -> None:
+    assert extract_answer(f"{F} x = 5 or x = -2") == "x = 5 or x = -2"
+    assert extract_answer(f"{F} \\text{{Evelyn}}") == "\\text{Evelyn}"
+    assert extract_answer(f"{F} (-\\infty, 3] \\cup [5, \\infty)") == "(-\\infty, 3] \\cup [5, \\infty)"
+    assert extract_answer(f"{F} There is no solution.") == "There is no solution"
+    # environment names are LaTeX, not prose words: the matrix is one answer, not its last entry
+    matrix = "\\begin{pmatrix} -1/2 \\\\ 5/2 \\\\ 1 \\end{pmatrix}"
+    assert extract_answer(f"{F} {matrix}") == matrix

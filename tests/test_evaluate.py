@@ -1,11 +1,11 @@
-"""The evaluate stage: scoring, intervals, AUROC, aggregation, and base vs tuned end to end with a
-tiny random model (its completions are noise; the plumbing, files and caching are what is tested)."""
+"""The evaluate stage: scoring, stratified sampling, aggregation, and base vs tuned end to end with
+a tiny random model (its completions are noise; the plumbing, files and caching are what is
+tested). The statistics themselves are tested in test_metrics.py, the rendering in
+test_eval_report.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,15 +15,8 @@ import pytest
 from glyph_core import evaluate as ev
 from glyph_core.config import EvalConfig, LoraConfig, TrainConfig
 from glyph_core.errors import GlyphError
-from glyph_core.evaluate import (
-    aggregate,
-    auroc,
-    check_tuned_model,
-    score_completion,
-    select_problems,
-    selectivity,
-    wilson,
-)
+from glyph_core.evaluate import check_tuned_model, sample_heldout, score_completion, stratum_of
+from glyph_core.metrics import aggregate, selectivity, wilson
 from glyph_core.storage import ModelRef, Store
 from glyph_core.teachers.base import Completion
 
@@ -56,38 +49,28 @@ def test_score_natural_answers():
     assert not score_completion("", "5")["correct"]
 
 
-# -- statistics -----------------------------------------------------------------------------------
+def test_score_truncated_completion_without_a_marker_has_no_prediction():
+    cut = "We need n mod 7. Trying n = 12 gives 12 mod 7 = 5, and the next index 5 gives"
+    assert score_completion(cut, "5")["correct"]  # the last-number fallback: right by accident
+    s = score_completion(cut, "5", finish_reason="length")
+    assert s["truncated"] and s["pred"] is None and not s["correct"]
+    marked = score_completion("So the answer is \\boxed{5}. To double-check, 12 mod", "5", "length")
+    assert marked["truncated"] and marked["pred"] == "5" and marked["correct"]
+    assert not score_completion(cut, "5", finish_reason="stop")["truncated"]
 
 
-def test_wilson_known_values():
-    lo, hi = wilson(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = wilson(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson(10, 10)
-    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
-    assert all(math.isnan(x) for x in wilson(0, 0))
-
-
-def _brute_auroc(labels, scores):
-    pos = [s for s, y in zip(scores, labels, strict=True) if y]
-    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
-    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
-    return wins / (len(pos) * len(neg))
-
-
-def test_auroc_known_cases():
-    assert auroc([False, False, True, True], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert auroc([True, True, False, False], [0.1, 0.2, 0.8, 0.9]) == 0.0
-    assert auroc([True, False, True, False], [0.5, 0.5, 0.5, 0.5]) == 0.5
-    assert auroc([True, True], [0.1, 0.2]) is None
-    assert auroc([], []) is None
-    labels = [True, False, True, True, False, False, True, False]
-    scores = [0.75, 0.5, 0.5, 1.0, 0.0, 0.25, 0.25, 0.75]
-    assert auroc(labels, scores) == pytest.approx(_brute_auroc(labels, scores))
+def test_score_cut_final_section_is_neither_valid_nor_answered():
+    s = score_completion(VALID.replace(f"{F} 5", f"{F} \\boxed{{\\frac{{10}}{{"), "5", "length")
+    assert s["emerged"] and not s["valid"] and s["violations"] == ["no_final_answer"]
+    assert s["pred"] is None and not s["correct"]
 
 
 # -- selection and aggregation --------------------------------------------------------------------
+
+
+LEVELS = {("math", "easy"): 1, ("math", "medium"): 3, ("math", "hard"): 5}
+LEVELS |= {("gsm8k", "easy"): 2, ("gsm8k", "medium"): 4, ("gsm8k", "hard"): 7}
+STRATA = {"math/level=1", "math/level=3", "math/level=5", "gsm8k/steps<=2", "gsm8k/steps=4", "gsm8k/steps>=6"}
 
 
 def problems_table() -> pa.Table:
@@ -108,7 +91,7 @@ def problems_table() -> pa.Table:
                             "answer": str(a),
                             "difficulty": d,
                             "bucket": bucket,
-                            "level": None,
+                            "level": LEVELS[(source, bucket)],
                             "type": None,
                             "math500": False,
                         }
@@ -116,42 +99,78 @@ def problems_table() -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def test_select_problems_held_out_and_deterministic():
+def test_strata_are_source_and_its_own_level():
+    assert [stratum_of("math", lv) for lv in (1, 5)] == ["math/level=1", "math/level=5"]
+    assert [stratum_of("gsm8k", n) for n in (1, 2, 3, 5, 6, 11)] == [
+        "gsm8k/steps<=2",
+        "gsm8k/steps<=2",
+        "gsm8k/steps=3",
+        "gsm8k/steps=5",
+        "gsm8k/steps>=6",
+        "gsm8k/steps>=6",
+    ]
+    assert [stratum_of("svamp", n) for n in (1, 2, 4)] == ["svamp/ops=1", "svamp/ops=2", "svamp/ops>=3"]
+    assert stratum_of("math", None) == "math/level=?"
+
+
+def test_sample_heldout_per_stratum_and_deterministic():
     t = problems_table()
-    all_test = select_problems(t, EvalConfig())
+    all_test = sample_heldout(t, EvalConfig())
     assert all_test.num_rows == 18 and set(all_test.column("split").to_pylist()) == {"test"}
-    one = select_problems(t, EvalConfig(per_bucket=1))
-    assert one.num_rows == 6  # 2 sources x 3 buckets
+    one = sample_heldout(t, EvalConfig(per_stratum=1))
+    assert one.num_rows == 6  # 2 sources x 3 levels
     assert (
-        one.column("id").to_pylist() == select_problems(t, EvalConfig(per_bucket=1)).column("id").to_pylist()
+        one.column("id").to_pylist() == sample_heldout(t, EvalConfig(per_stratum=1)).column("id").to_pylist()
     )
-    assert {(r["source"], r["bucket"]) for r in one.to_pylist()} == {
-        (s, b) for s in ("gsm8k", "math") for b in ("easy", "medium", "hard")
-    }
-    other_seed = select_problems(t, EvalConfig(per_bucket=1, seed=7)).column("id").to_pylist()
+    assert (
+        one.column("id").to_pylist()
+        == sample_heldout(t.take(list(range(t.num_rows))[::-1]), EvalConfig(per_stratum=1))
+        .column("id")
+        .to_pylist()
+    )
+    assert {stratum_of(r["source"], r["level"]) for r in one.to_pylist()} == STRATA
+    two = sample_heldout(t, EvalConfig(per_stratum=2))
+    assert two.num_rows == 12 and set(one.column("id").to_pylist()) <= set(two.column("id").to_pylist())
+    other_seed = sample_heldout(t, EvalConfig(per_stratum=1, seed=7)).column("id").to_pylist()
     assert len(other_seed) == 6
+
+
+def test_per_bucket_is_gone():
+    """The old setting is an unknown key now, not silently ignored."""
+    with pytest.raises(ValueError, match="per_bucket"):
+        EvalConfig(per_bucket=3)  # type: ignore[call-arg]
 
 
 def test_empty_evaluation_set_is_an_error():
     train_only = problems_table().filter(pa.compute.equal(problems_table()["split"], "train"))
     with pytest.raises(GlyphError, match="empty evaluation set"):
-        select_problems(train_only, EvalConfig())
+        sample_heldout(train_only, EvalConfig())
     with pytest.raises(GlyphError, match="lacks columns"):
-        select_problems(pa.table({"id": ["a"]}), EvalConfig())
+        sample_heldout(pa.table({"id": ["a"]}), EvalConfig())
 
 
 def _fake_scored() -> pa.Table:
-    """Tuned: glyphs on every hard problem, none on easy. Base: never."""
+    """Tuned: glyphs on every hard problem, none on easy; the medium GSM8K ones are cut at the
+    token limit mid-reasoning. Base: never glyphs."""
     rows = [r for r in problems_table().to_pylist() if r["split"] == "test"]
-    comps_tuned = [Completion(VALID if r["bucket"] == "hard" else "It is 5.", "stop", 10, 20) for r in rows]
+
+    def tuned(r: dict) -> Completion:
+        if r["bucket"] == "hard":
+            return Completion(VALID, "stop", 10, 20)
+        if r["bucket"] == "medium" and r["source"] == "gsm8k":
+            return Completion("First 2 + 3 = 5 and then", "length", 10, 32)
+        return Completion("It is 5.", "stop", 10, 20)
+
     comps_base = [Completion("I think 5.", "stop", 10, 4) for r in rows]
     return pa.concat_tables(
-        [ev.score_rows(rows, comps_base, "base"), ev.score_rows(rows, comps_tuned, "tuned")]
+        [ev.score_rows(rows, comps_base, "base"), ev.score_rows(rows, [tuned(r) for r in rows], "tuned")]
     )
 
 
 def test_aggregate_and_selectivity():
     scored = _fake_scored()
+    assert scored.column("truncated").to_pylist().count(True) == 3
+    assert set(scored.column("stratum").to_pylist()) == STRATA
     table = aggregate(scored)
     by = {(r["model"], r["group_by"], r["group"]): r for r in table.to_pylist()}
     assert by[("tuned", "bucket", "hard")]["emergence"] == 1.0
@@ -159,25 +178,37 @@ def test_aggregate_and_selectivity():
     assert by[("tuned", "all", "all")]["n"] == 18
     assert by[("tuned", "source", "math")]["n"] == 9
     assert by[("tuned", "source_bucket", "math/hard")]["valid"] == 1.0
+    assert by[("tuned", "stratum", "math/level=5")]["n"] == 3
     assert by[("base", "bucket", "hard")]["emergence"] == 0.0
     assert by[("base", "all", "all")]["mean_tokens"] == 4.0
-    # answers are "5"; golds are 1, 3, 5 → one in three correct for both
+    # truncation: the 3 medium GSM8K completions of the tuned model, i.e. 3 of 6 medium ones
+    assert by[("tuned", "bucket", "medium")]["truncated"] == 0.5
+    assert by[("tuned", "source", "gsm8k")]["truncated"] == pytest.approx(1 / 3)
+    assert by[("base", "all", "all")]["truncated"] == 0.0
+    # answers are "5"; golds are 1, 3, 5 → one in three correct for base; the tuned model's
+    # truncated "... 2 + 3 = 5 and then" would be right on gold 5 by the last-number fallback
     assert by[("base", "all", "all")]["accuracy"] == pytest.approx(1 / 3)
+    assert by[("tuned", "source_bucket", "gsm8k/medium")]["accuracy"] == 0.0
     lo, hi = wilson(6, 18)
     assert by[("base", "all", "all")]["accuracy_lo"] == pytest.approx(lo)
     assert by[("base", "all", "all")]["accuracy_hi"] == pytest.approx(hi)
 
-    sel = selectivity(scored)
-    assert sel["tuned"]["emergence_hard_minus_easy"] == 1.0
-    assert sel["tuned"]["auroc_glyph_vs_difficulty"] == 1.0
-    assert sel["base"]["auroc_glyph_vs_difficulty"] is None  # never uses glyphs: undefined
-    metrics = ev.build_metrics(scored, table)
+    sel = selectivity(scored, resamples=200)
+    tuned, base = sel["models"]["tuned"], sel["models"]["base"]
+    assert tuned["emergence_hard_minus_easy"] == 1.0 == tuned["pooled"]["hard_minus_easy"]["value"]
+    assert tuned["auroc_glyph_vs_difficulty"] == 1.0
+    assert tuned["within_source"]["auroc"]["value"] == 1.0
+    assert tuned["within_source"]["by_source"]["math"]["auroc"]["n_glyph"] == 3
+    assert base["auroc_glyph_vs_difficulty"] is None  # never uses glyphs: undefined
+    assert base["within_source"]["auroc"]["value"] is None
+    metrics = ev.build_metrics(scored, table, {"config": {"max_new_tokens": 32}}, version=ev.VERSION)
     assert metrics["tuned_minus_base"]["hard"]["emergence"] == 1.0
+    assert metrics["tuned_minus_base"]["medium"]["truncated"] == 0.5
+    assert metrics["warnings"] == [
+        "tuned: completions hit the token limit (bucket medium 50% of 6; source gsm8k 33% of 9); "
+        "evaluate.max_new_tokens (32) is probably too small",
+    ]
     json.dumps(metrics, allow_nan=False)  # NaNs became nulls
-    md = ev.markdown_table(table)
-    assert "| hard | tuned | 6 | 100.0%" in md
-    png = ev.plot_png(table)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -260,7 +291,7 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, trained, 
 
 def test_base_vs_tuned_end_to_end(tmp_path, trained, tiny):
     store, ref = trained
-    cfg = EvalConfig(per_bucket=1, max_new_tokens=6, batch_size=8)
+    cfg = EvalConfig(per_stratum=1, max_new_tokens=6, batch_size=8)
     result = ev.evaluate(problems_table(), cfg, tmp_path / "out", base_model=tiny, model=store.get_dir(ref))
     comp = result.completions
     assert comp.num_rows == 12
@@ -275,12 +306,23 @@ def test_base_vs_tuned_end_to_end(tmp_path, trained, tiny):
     assert pq.read_table(result.paths["completions"]).num_rows == 12
     metrics = json.loads(Path(result.paths["metrics"]).read_text())
     assert metrics["n_problems"] == 6 and "tuned_minus_base" in metrics
+    reasons = comp.column("finish_reason").to_pylist()
+    assert comp.column("truncated").to_pylist() == [r == "length" for r in reasons]
+    high = [
+        (m, b)
+        for m, mm in metrics["models"].items()
+        for b, st in mm["by_bucket"].items()
+        if st["truncated"] > 0.2
+    ]
+    assert sum(w.count("bucket ") for w in metrics["warnings"]) == len(high)
+    report_md = Path(result.paths["table_md"]).read_text()
+    assert all(w in report_md for w in metrics["warnings"])
 
 
 def test_run_evaluate_caches_the_base_model_apart(monkeypatch, trained, tiny):
     store, ref = trained
     problems_ref = store.write_table(problems_table(), "unify", "p")
-    cfg = EvalConfig(per_bucket=1, max_new_tokens=4)
+    cfg = EvalConfig(per_stratum=1, max_new_tokens=4)
     calls: list[str] = []
     real = ev.generate_completions
 
@@ -337,7 +379,7 @@ def test_cli_train_then_evaluate(tmp_path, tiny):
     assert (model_dir / "adapter_config.json").exists()
     res = runner.invoke(
         app,
-        ["evaluate", "--problems", str(problems), "--model", str(model_dir), "--per-bucket", "1",
+        ["evaluate", "--problems", str(problems), "--model", str(model_dir), "--per-stratum", "1",
          "--max-new-tokens", "4", "-o", str(tmp_path / "eval"), *store],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
@@ -345,7 +387,10 @@ def test_cli_train_then_evaluate(tmp_path, tiny):
         tmp_path / "eval" / "completions.parquet"
     ).is_file()
     (key_dir,) = (tmp_path / "store" / "evaluate").glob("*/emergence_accuracy.png")
-    assert (key_dir.parent / "table.md").read_text().count("| tuned |") == 4  # 3 buckets + all
+    report_md = (key_dir.parent / "table.md").read_text()
+    assert report_md.startswith("## Promptless evaluation: base vs tuned")
+    assert "### Selectivity within each source (headline)" in report_md
+    assert "| all | tuned | 6 |" in report_md  # --per-stratum 1 is one problem per stratum: 6
     assert "Promptless evaluation" in res.output
 
     bad = tmp_path / "bad.parquet"

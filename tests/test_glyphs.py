@@ -100,3 +100,44 @@ def test_latent_and_natural_prompts_never_mention_glyphs():
     with pytest.raises(ValueError, match="unknown prompt kind"):
         messages_for("socratic", question)
     assert len(TEMPLATE_HASH) == 16
+
+
+# -- what tuned models really write (issue 13) ------------------------------------------------
+
+
+@pytest.mark.parametrize("invisible", ["\ufe0f", "\ufe0e", "\u200d", "\ufe0f\u200b"])
+def test_invisible_characters_after_a_glyph_belong_to_the_glyph(invisible):
+    hidden_empty = (
+        f"{G}{invisible}\n{P}{invisible} Add, then multiply.\n{S} 2+3=5\n{T} So 5.\n{F}{invisible} 5"
+    )
+    assert validate_trace(hidden_empty) == [Violation.EMPTY_SECTION]
+    trace = parse_trace(hidden_empty)
+    assert trace.final_answer == "5" and trace.texts(Glyph.PLAN) == ["Add, then multiply."]
+    fine = VALID.replace(G, G + invisible).replace(F, F + invisible)
+    assert validate_trace(fine) == [] and parse_trace(fine).final_answer == "20"
+
+
+@pytest.mark.parametrize(
+    "final",
+    ["\\boxed{\\frac{3}{", "The final answer is $\\boxed{2\\sqrt{", "\\[\n\\frac{3}{4} +", "$$ 12 +"],
+)
+def test_final_section_cut_inside_its_maths_is_not_a_valid_trace(final):
+    text = VALID.replace(f"{F} 20", f"{F} {final}")
+    assert validate_trace(text) == [Violation.NO_FINAL_ANSWER]
+    closed = VALID.replace(f"{F} 20", f"{F} \\boxed{{\\frac{{3}}{{4}}}}")
+    assert validate_trace(closed) == []
+
+
+def test_a_label_on_its_own_line_is_not_content():
+    text = VALID.replace(f"{F} 20", f"{F} **Final Answer**\n\\[ \\boxed{{20}} \\]")
+    assert parse_trace(text).final_answer == "\\[ \\boxed{20} \\]"
+    assert validate_trace(text) == []
+    only_label = VALID.replace(f"{P} Add, then multiply.", f"{P} ### Plan:\n")
+    assert validate_trace(only_label) == [Violation.EMPTY_SECTION]
+    # a one-word section that happens to be a label word is content, not a label
+    assert parse_trace(f"{P} plan\n{G} rule").texts(Glyph.PLAN) == ["plan"]
+
+
+def test_a_looping_output_that_repeats_the_final_glyph_is_invalid():
+    loop = VALID + "".join(f"\n{T} So 20.\n{F} 20" for _ in range(3))
+    assert set(validate_trace(loop)) == {Violation.DUPLICATE_GLYPH, Violation.WRONG_ORDER}

@@ -232,7 +232,7 @@ def test_run_script_settings_are_valid_for_the_demo_profile() -> None:
     swaps = {"evaluate.backend=transformers", "generate.teacher.backend=reference"}
     cfg = load_profile("demo", parse_sets([s for s in sets if s not in swaps]))
     assert cfg.evaluate.backend == "vllm" and cfg.generate.teacher.backend == "vllm"
-    assert cfg.evaluate.per_bucket is None and cfg.train.device == "cuda"
+    assert cfg.evaluate.per_stratum is None and cfg.train.device == "cuda"
     other = load_profile("demo", parse_sets([s for s in sets if s not in {"evaluate.backend=vllm"}]))
     assert other.evaluate.backend == "transformers"
     assert other.evaluate.key_dump() == {**cfg.evaluate.key_dump(), "backend": "transformers"}

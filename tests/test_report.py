@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from glyph_cli import run_summary
 from glyph_cli import server as server_mod
 from glyph_cli.main import app
-from glyph_core.evaluate import markdown_table, report, score_rows
+from glyph_core.eval_report import markdown_table
+from glyph_core.evaluate import report, score_rows
 from glyph_core.storage import Store
 
 GLYPH = "🜞 Add the parts.\n🜆 Sum them.\n🜂 2 + 2 = 4\n🜃 The total is 4.\n🝞 4"
