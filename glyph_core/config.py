@@ -70,6 +70,8 @@ _BOUND_KEYS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "l
 def _problem(err: Any) -> str:
     """What is wrong, worded for a person: `must be > 0`, `unknown setting`."""
     kind, ctx = err["type"], err.get("ctx") or {}
+    if "problem" in ctx:  # raised by `_setting_error`
+        return str(ctx["problem"])
     if kind in _BOUNDS:
         bound = ctx[_BOUND_KEYS[kind]]
         return f"must be {_BOUNDS[kind]} {int(bound) if float(bound).is_integer() else bound}"
@@ -115,7 +117,9 @@ def _either(problems: list[str]) -> str:
 
 def _setting_error(field: str, value: Any, problem: str) -> PydanticCustomError:
     """An error a model validator raises about one of its fields, so the path names it."""
-    return PydanticCustomError("setting", problem, {"field": field, "value": value})
+    return PydanticCustomError(
+        "setting", "{field}={value}: {problem}", {"field": field, "value": value, "problem": problem}
+    )
 
 
 class SourceConfig(StrictModel):
@@ -132,9 +136,7 @@ class UnifyConfig(StrictModel):
     data_dir: str | None = Field(
         default=None, description="Folder in the layout of ../shared/data; None means the Hub."
     )
-    sources: list[Literal["gsm8k", "svamp", "math"]] = Field(
-        default=["gsm8k", "svamp", "math"], min_length=1
-    )
+    sources: list[Literal["gsm8k", "svamp", "math"]] = Field(default=["gsm8k", "svamp", "math"], min_length=1)
     svamp_holdout: NonNegInt = 300
     # Subsampling for small profiles; applied after the split, deterministic by id hash.
     max_train_per_source: Count | None = None
@@ -166,7 +168,9 @@ class TeacherConfig(StrictModel):
     @model_validator(mode="after")
     def _endpoint_given(self) -> TeacherConfig:
         if self.backend == "openai" and not self.base_url:
-            raise _setting_error("base_url", self.base_url, "required by backend 'openai' (http://host:8000/v1)")
+            raise _setting_error(
+                "base_url", self.base_url, "required by backend 'openai' (http://host:8000/v1)"
+            )
         return self
 
 
@@ -191,12 +195,16 @@ class GenerateConfig(StrictModel):
 
 class FilterConfig(StrictModel):
     max_completion_tokens: Count = 1024
-    workers: NonNegInt = Field(default=0, json_schema_extra=NOT_IN_KEY, description="0 = one process per core")
+    workers: NonNegInt = Field(
+        default=0, json_schema_extra=NOT_IN_KEY, description="0 = one process per core"
+    )
 
 
 class RewriteConfig(StrictModel):
     glyph_min_bucket: Bucket = "hard"
-    natural_ratio: Annotated[float, Field(ge=0)] = Field(default=0.5, description="natural rows per glyph row")
+    natural_ratio: Annotated[float, Field(ge=0)] = Field(
+        default=0.5, description="natural rows per glyph row"
+    )
     seed: Seed = 0
 
 
@@ -238,7 +246,9 @@ class TrainConfig(StrictModel):
         default=None, json_schema_extra=NOT_IN_KEY, description="None = cuda if available"
     )
     logging_steps: Count = Field(default=1, json_schema_extra=NOT_IN_KEY)
-    save_steps: Count = Field(default=50, json_schema_extra=NOT_IN_KEY, description="checkpoint every N steps")
+    save_steps: Count = Field(
+        default=50, json_schema_extra=NOT_IN_KEY, description="checkpoint every N steps"
+    )
     launcher: Literal["auto", "inline", "accelerate"] = Field(
         default="auto",
         json_schema_extra=NOT_IN_KEY,

@@ -40,9 +40,9 @@ import aiohttp
 import botocore.exceptions as boto
 import botocore.handlers
 import fsspec
-from aiobotocore.session import AioSession
 import pyarrow as pa
 import pyarrow.parquet as pq
+from aiobotocore.session import AioSession
 from pydantic import BaseModel, ConfigDict
 
 from glyph_core.errors import SettingError, StorageError
@@ -277,7 +277,9 @@ class Store:
                 f"({self.limits.max_attempts} attempt(s)); check the server's health "
                 "($GLYPH_S3_READ_TIMEOUT raises the limit)"
             )
-        if isinstance(exc, boto.EndpointConnectionError | boto.ConnectTimeoutError | aiohttp.ClientConnectionError):
+        if isinstance(
+            exc, boto.EndpointConnectionError | boto.ConnectTimeoutError | aiohttp.ClientConnectionError
+        ):
             fix = (
                 "check that the server is running and AWS_ENDPOINT_URL points at it"
                 if endpoint
