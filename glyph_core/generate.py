@@ -291,7 +291,7 @@ def _shard(
     store: Store, shard: list[dict[str, Any]], cfg: GenerateConfig, teacher: _LazyTeacher
 ) -> _ShardRun:
     """One shard: reused when published and clean, repaired when published with error rows,
-    generated otherwise; published again whenever something new was generated."""
+    generated otherwise; published again whenever more of it succeeded than before."""
     uri = shard_uri(store, shard_key(shard, cfg))
     table = _read_shard(store, uri, len(shard) * cfg.teacher.n)
     if table is not None and not _errors_in(table):
@@ -300,14 +300,16 @@ def _shard(
     if table is None:
         fresh = table = generate_shard(teacher.get(), shard, cfg)
         status = "generated"
+        _publish_shard(store, uri, table)
     else:
         failed = set(table.filter(pc.equal(table["finish_reason"], "error"))["id"].to_pylist())
         log.info("shard %s: %d problem(s) with errors from an earlier run; asking again", uri, len(failed))
         fresh = generate_shard(teacher.get(), [p for p in shard if p["id"] in failed], cfg)
-        table = _merge_retry(table, fresh)
+        before, table = _errors_in(table), _merge_retry(table, fresh)
         status = "repaired"
+        if _errors_in(table) < before:
+            _publish_shard(store, uri, table)
     seconds = time.perf_counter() - t0
-    _publish_shard(store, uri, table)
     return _ShardRun(table, status, seconds, int(pc.sum(fresh["completion_tokens"]).as_py() or 0))
 
 
