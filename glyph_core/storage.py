@@ -159,8 +159,9 @@ def _storage_options(root: str) -> dict[str, Any]:
     return {}
 
 
-# botocore's own errors, aiohttp's (raised through aiobotocore) and timeouts of the event loop.
-_REMOTE_ERRORS: tuple[type[BaseException], ...] = (
+# The OS's, botocore's, aiohttp's (raised through aiobotocore) and the event loop's timeouts.
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
     boto.BotoCoreError,
     boto.ClientError,
     aiohttp.ClientError,
@@ -252,7 +253,7 @@ class Store:
             yield
         except (StorageError, FileNotFoundError):
             raise
-        except (OSError, *_REMOTE_ERRORS) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._explain(action, uri, exc) from exc
 
     def _explain(self, action: str, uri: str, exc: BaseException) -> StorageError:

@@ -112,8 +112,16 @@ def test_glyph_run_with_a_bad_setting_exits_with_one_error_line(tmp_path: Path) 
 
     res = CliRunner().invoke(
         app,
-        ["run", "--profile", "tiny", "--store", str(tmp_path / "store"), "--no-server",
-         "--set", "train.learning_rate=-1"],  # fmt: skip
+        [
+            "run",
+            "--profile",
+            "tiny",
+            "--store",
+            str(tmp_path / "store"),
+            "--no-server",
+            "--set",
+            "train.learning_rate=-1",
+        ],  # fmt: skip
     )
     assert res.exit_code != 0
     lines = [line for line in res.output.splitlines() if line.strip()]

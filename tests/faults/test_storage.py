@@ -174,7 +174,11 @@ def test_real_servers_work_under_the_limits(request, monkeypatch: pytest.MonkeyP
         env = request.getfixturevalue("seaweed_server").client_env()
     else:
         endpoint = request.getfixturevalue("moto_endpoint")
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint}
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
     for k, v in {**env, "AWS_DEFAULT_REGION": "us-east-1", "GLYPH_S3_READ_TIMEOUT": "7",
                  "GLYPH_S3_MAX_ATTEMPTS": "3"}.items():  # fmt: skip
         monkeypatch.setenv(k, v)
