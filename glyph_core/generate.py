@@ -81,7 +81,7 @@ class GenerateResult:
     ref: DatasetRef
     rows: int
     shards_total: int
-    shards_generated: int
+    shards_generated: int  # generated or repaired in this run
     shards_reused: int
     problems: int
     shards_repaired: int = 0  # reused shards whose error rows were sent to the teacher again

@@ -146,13 +146,11 @@ def _bounded_session() -> AioSession:
 
 
 def _storage_options(root: str) -> dict[str, Any]:
-    """Endpoint and credentials come from the usual AWS variables; they are never logged."""
+    """Endpoint and limits; credentials come from the usual AWS variables and are never logged.
+    Plain JSON, because Prefect saves them in a result-storage block (tasks/caching.py)."""
     if root.startswith("s3://"):
         endpoint = s3_endpoint()
-        options: dict[str, Any] = {
-            "config_kwargs": S3Limits.from_env().config_kwargs(),
-            "session": _bounded_session(),
-        }
+        options: dict[str, Any] = {"config_kwargs": S3Limits.from_env().config_kwargs()}
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         return options
@@ -186,6 +184,8 @@ class Store:
             root = str(Path(root).expanduser().resolve())
         self.root = root.rstrip("/")
         options = {**_storage_options(self.root), **storage_options}
+        if self.root.startswith("s3://"):
+            options.setdefault("session", _bounded_session())
         self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
         self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
         if not self.is_local and hasattr(self.fs, "retries"):
