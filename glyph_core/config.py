@@ -4,14 +4,23 @@ Each stage's config is hashed into its cache key (`storage.stage_key`), so every
 that changes a stage's output must live in that stage's model, and nothing that does not
 (paths of the store, worker counts that do not change results are marked `json_schema_extra=NOT_IN_KEY`).
 Unknown keys are errors: a typo in `--set` must not silently run the default.
+
+Every numeric field carries its range (the aliases below), so a value that cannot work
+(`train.learning_rate=-1`, `evaluate.max_new_tokens=0`) is refused when the config is built,
+before any stage starts, instead of minutes later inside torch or, worse, as a believable
+empty result. `invalid_settings` turns pydantic's report into one line that names each field
+by its dotted path and the value given.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import PydanticCustomError
 
+from glyph_core.errors import SettingError
 from glyph_core.teachers.registry import MODEL_BACKENDS, TEACHER_BACKENDS
 
 Bucket = Literal["easy", "medium", "hard"]
@@ -26,6 +35,15 @@ else:
 
 
 NOT_IN_KEY: dict[str, Any] = {"cache_key": False}
+
+# Ranges, declared once. `| None` on a field keeps None ("no limit", "all") allowed.
+Count = Annotated[int, Field(ge=1)]  # batch sizes, n, tokens, steps, limits
+NonNegInt = Annotated[int, Field(ge=0)]  # retries, a hold-out size, 0-means-auto worker counts
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # numpy and torch refuse negative or 64-bit seeds
+Positive = Annotated[float, Field(gt=0)]  # learning rate, timeouts
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # dropout, warmup ratio
+SeqLen = Annotated[int, Field(ge=16)]  # a prompt template alone is longer than 16 tokens
+Name = Annotated[str, Field(min_length=1)]
 
 
 class StrictModel(BaseModel):
@@ -53,6 +71,65 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_BOUND_KEYS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+
+
+def _problem(err: Any) -> str:
+    """What is wrong, worded for a person: `must be > 0`, `unknown setting`."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if "problem" in ctx:  # raised by `_setting_error`
+        return str(ctx["problem"])
+    if kind in _BOUNDS:
+        bound = ctx[_BOUND_KEYS[kind]]
+        return f"must be {_BOUNDS[kind]} {int(bound) if float(bound).is_integer() else bound}"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} item(s)"
+    if kind == "extra_forbidden":
+        return "unknown setting"
+    if kind == "missing":
+        return "required"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return msg.replace("Input should be", "must be")
+
+
+def invalid_settings(exc: PydanticValidationError, prefix: str = "") -> SettingError:
+    """One line for a config that failed validation: `train.learning_rate=-1: must be > 0`.
+
+    The path is the dotted one a user writes in `--set` (`prefix` for a model validated on its
+    own, e.g. "train"); pydantic's union branch names (`list[str]`) are left out, and the
+    alternatives a union failed on are joined with "or".
+    """
+    found: dict[str, list[str]] = {}
+    for err in exc.errors():
+        ctx = err.get("ctx") or {}
+        parts = [prefix] if prefix else []
+        parts += [str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()]
+        value = err["input"]
+        if "field" in ctx:  # a model validator's error about one of its fields
+            parts.append(str(ctx["field"]))
+            value = ctx.get("value")
+        path = ".".join(parts) or "config"
+        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f"={value!r}"
+        problem = _problem(err)
+        if problem not in found.setdefault(f"{path}{shown}", []):
+            found[f"{path}{shown}"].append(problem)
+    return SettingError("; ".join(f"{where}: {_either(p)}" for where, p in found.items()))
+
+
+def _either(problems: list[str]) -> str:
+    """`must be a valid list or a valid string`: a union's alternatives in one phrase."""
+    rest = [p.removeprefix("must be ") if p.startswith("must be ") else p for p in problems[1:]]
+    return " or ".join([problems[0], *rest])
+
+
+def _setting_error(field: str, value: Any, problem: str) -> PydanticCustomError:
+    """An error a model validator raises about one of its fields, so the path names it."""
+    return PydanticCustomError(
+        "setting", "{field}={value}: {problem}", {"field": field, "value": value, "problem": problem}
+    )
+
+
 class SourceConfig(StrictModel):
     """One dataset: a local directory in the upstream layout, else the Hub at a pinned revision."""
 
@@ -68,17 +145,17 @@ class UnifyConfig(StrictModel):
         default=None, description="Folder in the layout of ../shared/data; None means the Hub."
     )
     sources: list[Literal["gsm8k", "svamp", "math"]] = Field(
-        default=["gsm8k", "svamp", "math"], description="sources to include"
+        default=["gsm8k", "svamp", "math"], min_length=1, description="sources to include"
     )
-    svamp_holdout: int = Field(default=300, description="SVAMP rows held out by id hash")
+    svamp_holdout: NonNegInt = Field(default=300, description="SVAMP rows held out by id hash")
     # Subsampling for small profiles; applied after the split, deterministic by id hash.
-    max_train_per_source: int | None = Field(
+    max_train_per_source: Count | None = Field(
         default=None, description="at most this many training rows per source"
     )
-    max_test_per_source: int | None = Field(
+    max_test_per_source: Count | None = Field(
         default=None, description="at most this many held-out rows per source"
     )
-    seed: int = Field(default=0, description="seed of the subsampling hash")
+    seed: Seed = Field(default=0, description="seed of the subsampling hash")
 
 
 # LoRA ranks a vLLM engine can be built for (vLLM's `max_lora_rank` choices); an adapter's rank
@@ -140,23 +217,23 @@ class VLLMEngineConfig(StrictModel):
 
 class TeacherConfig(StrictModel):
     backend: TeacherBackend = Field(default="reference", description="glyph_core/teachers/registry.py")
-    model: str = Field(
+    model: Name = Field(
         default="Qwen/Qwen2.5-7B-Instruct",
         description="local dir, Hub id, or alias (smollm2-135m, tiny-random)",
     )
     revision: str | None = Field(default=None, description="Hub revision of the model")
     prompt: Literal["glyph", "latent", "natural"] = Field(default="glyph", description="glyph = teacher mode")
-    n: int = Field(default=1, description="samples per problem")
-    temperature: float = Field(default=0.7, description="0 = greedy")
-    top_p: float = Field(default=0.95, description="nucleus sampling mass")
-    max_new_tokens: int = Field(default=512, description="generation budget per sample")
-    seed: int = Field(default=0, description="sampling seed")
+    n: Count = Field(default=1, description="samples per problem")
+    temperature: float = Field(default=0.7, ge=0, description="0 = greedy")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: Count = Field(default=512, description="generation budget per sample")
+    seed: Seed = Field(default=0, description="sampling seed")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="weights dtype"
     )
     trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
     # Throughput knobs: they change speed, not what is generated, so they stay out of the key.
-    batch_size: int = Field(
+    batch_size: Count = Field(
         default=8, json_schema_extra=NOT_IN_KEY, description="transformers: prompts per generate call"
     )
     base_url: str | None = Field(
@@ -165,13 +242,13 @@ class TeacherConfig(StrictModel):
     api_key_env: str = Field(
         default="OPENAI_API_KEY", json_schema_extra=NOT_IN_KEY, description="openai: env var holding the key"
     )
-    concurrency: int = Field(
+    concurrency: Count = Field(
         default=8, json_schema_extra=NOT_IN_KEY, description="openai: requests in flight"
     )
-    timeout_s: float = Field(
+    timeout_s: Positive = Field(
         default=120.0, json_schema_extra=NOT_IN_KEY, description="openai: seconds per request"
     )
-    max_retries: int = Field(
+    max_retries: NonNegInt = Field(
         default=4, json_schema_extra=NOT_IN_KEY, description="openai: retries on 429/5xx/connection errors"
     )
     device: str | None = Field(
@@ -191,61 +268,82 @@ class TeacherConfig(StrictModel):
         description="LoRA adapter dirs served beside the base",
     )
 
+    @model_validator(mode="after")
+    def _endpoint_given(self) -> TeacherConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise _setting_error(
+                "base_url", self.base_url, "required by backend 'openai' (http://host:8000/v1)"
+            )
+        return self
+
 
 class GenerateConfig(StrictModel):
     teacher: TeacherConfig = TeacherConfig()
     split: Literal["train"] = Field(default="train", description="held-out problems never reach generate")
-    limit: int | None = Field(default=None, description="at most this many training problems")
-    shard_size: int = Field(default=64, description="problems per shard (the unit of resume)")
+    limit: Count | None = Field(default=None, description="at most this many training problems")
+    shard_size: Count = Field(default=64, description="problems per shard (the unit of resume)")
     # Fan-out over GPU workers (docs/design.md, "Fan-out"): shards are keyed on content, so how many
     # workers generated them changes speed, never the output.
-    workers: int = Field(
+    workers: Count = Field(
         default=1, json_schema_extra=NOT_IN_KEY, description="shard groups generated in parallel"
+    )
+    # Whether a result exists, not what it contains: out of the key, so raising it after a
+    # failed run reuses every shard that run generated.
+    max_error_rate: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        json_schema_extra=NOT_IN_KEY,
+        description="the stage fails (publishing nothing) when a larger share of completions are errors",
     )
 
 
 class FilterConfig(StrictModel):
-    max_completion_tokens: int = Field(default=1024, description="longer completions are dropped as too_long")
+    max_completion_tokens: Count = Field(
+        default=1024, description="longer completions are dropped as too_long"
+    )
     require_structure: bool = Field(
         default=True, description="drop traces that break the glyph protocol (off for natural-prompt traces)"
     )
-    workers: int = Field(
+    workers: NonNegInt = Field(
         default=0, json_schema_extra=NOT_IN_KEY, description="answer-checking processes; 0 = one per core"
     )
 
 
 class RewriteConfig(StrictModel):
     glyph_min_bucket: Bucket = Field(default="hard", description="lowest bucket trained on glyph traces")
-    natural_ratio: float = Field(default=0.5, description="natural rows per glyph row")
-    seed: int = Field(default=0, description="seed of the selection and the shuffle")
+    natural_ratio: float = Field(default=0.5, ge=0, description="natural rows per glyph row")
+    seed: Seed = Field(default=0, description="seed of the selection and the shuffle")
 
 
 class LoraConfig(StrictModel):
-    r: int = Field(default=16, description="LoRA rank")
-    alpha: int = Field(default=32, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(default=0.05, description="LoRA dropout")
-    target_modules: list[str] | str = Field(default="all-linear", description="modules that get adapters")
+    r: Count = Field(default=16, description="LoRA rank")
+    alpha: Count = Field(default=32, description="LoRA alpha (scale = alpha / r)")
+    dropout: Fraction = Field(default=0.05, description="LoRA dropout")
+    target_modules: Annotated[list[Name], Field(min_length=1)] | Name = Field(
+        default="all-linear", description="modules that get adapters"
+    )
 
 
 class TrainConfig(StrictModel):
-    base_model: str = Field(
+    base_model: Name = Field(
         default="Qwen/Qwen2.5-7B-Instruct",
         description="local dir, Hub id, or alias (smollm2-135m, tiny-random)",
     )
     revision: str | None = Field(default=None, description="Hub revision of the base model")
     method: Literal["lora", "full"] = Field(default="lora", description="LoRA adapter or full fine-tuning")
     lora: LoraConfig = LoraConfig()
-    epochs: float = Field(default=2.0, description="passes over the rows when max_steps is -1")
-    max_steps: int = Field(default=-1, description="stop after this many optimizer steps (-1: epochs)")
-    learning_rate: float = Field(default=2e-4, description="peak learning rate")
-    batch_size: int = Field(
+    epochs: float = Field(default=2.0, ge=0, description="passes over the rows when max_steps is -1")
+    max_steps: int = Field(default=-1, ge=-1, description="stop after this many optimizer steps (-1: epochs)")
+    learning_rate: Positive = Field(default=2e-4, description="peak learning rate")
+    batch_size: Count = Field(
         default=4, description="per device: the global batch is batch_size x grad_accum x num_gpus"
     )
-    grad_accum: int = Field(default=4, description="gradient accumulation steps")
+    grad_accum: Count = Field(default=4, description="gradient accumulation steps")
     # Data-parallel processes (glyph_core/launch.py). It changes the global batch, hence the
     # trained weights, so it stays in the cache key.
     num_gpus: int = Field(default=1, ge=1, description="> 1 trains through `accelerate launch`")
-    max_seq_len: int = Field(default=1024, description="rows are truncated to this many tokens")
+    max_seq_len: SeqLen = Field(default=1024, description="rows are truncated to this many tokens")
     packing: bool = Field(default=False, description="pack rows into max_seq_len blocks")
     padding_free: bool = Field(default=False, description="no padding tokens (flash attention)")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations to save memory")
@@ -256,40 +354,51 @@ class TrainConfig(StrictModel):
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         default="cosine", description="learning-rate schedule"
     )
-    warmup_ratio: float = Field(default=0.0, description="share of the steps spent warming up")
-    seed: int = Field(default=0, description="training seed")
+    warmup_ratio: Fraction = Field(default=0.0, description="share of the steps spent warming up")
+    seed: Seed = Field(default=0, description="training seed")
     trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
     # Speed and bookkeeping only: they do not change the trained weights.
-    num_threads: int | None = Field(
+    num_threads: Count | None = Field(
         default=None, json_schema_extra=NOT_IN_KEY, description="torch CPU threads (None = torch's default)"
     )
     device: str | None = Field(
         default=None, json_schema_extra=NOT_IN_KEY, description="None = cuda if available"
     )
-    logging_steps: int = Field(default=1, json_schema_extra=NOT_IN_KEY, description="log every N steps")
-    save_steps: int = Field(default=50, json_schema_extra=NOT_IN_KEY, description="checkpoint every N steps")
+    logging_steps: Count = Field(default=1, json_schema_extra=NOT_IN_KEY, description="log every N steps")
+    save_steps: Count = Field(
+        default=50, json_schema_extra=NOT_IN_KEY, description="checkpoint every N steps"
+    )
     launcher: Literal["auto", "inline", "accelerate"] = Field(
         default="auto",
         json_schema_extra=NOT_IN_KEY,
         description="auto = in this process for num_gpus 1, `accelerate launch` above",
     )
 
+    @model_validator(mode="after")
+    def _trains_something(self) -> TrainConfig:
+        """`epochs=0` with `max_steps=-1` would publish an untrained adapter as "tuned"."""
+        if self.max_steps == 0:
+            raise _setting_error("max_steps", 0, "must be -1 (train for `epochs`) or >= 1")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise _setting_error("epochs", self.epochs, "must be > 0 when max_steps=-1 (train for `epochs`)")
+        return self
+
 
 class EvalConfig(StrictModel):
     split: Literal["test"] = Field(default="test", description="only held-out problems are evaluated")
-    per_stratum: int | None = Field(
+    per_stratum: Count | None = Field(
         default=None,
         ge=1,
         description="problems per sampling stratum (source and its own difficulty level: MATH level, "
         "GSM8K solution steps, SVAMP operators); None = every held-out problem",
     )
-    max_new_tokens: int = Field(default=512, description="generation budget per problem")
-    batch_size: int = Field(
+    max_new_tokens: Count = Field(default=512, description="generation budget per problem")
+    batch_size: Count = Field(
         default=16, json_schema_extra=NOT_IN_KEY, description="prompts per generate() batch"
     )
     backend: ModelBackend = Field(default="transformers", description="a backend that loads a model")
     compare_base: bool = Field(default=True, description="also evaluate the base model on the same problems")
-    seed: int = Field(default=0, description="decoding seed")
+    seed: Seed = Field(default=0, description="decoding seed")
     vllm: VLLMEngineConfig = Field(
         default_factory=VLLMEngineConfig, json_schema_extra=NOT_IN_KEY, description="vllm: engine settings"
     )

@@ -12,6 +12,11 @@ class ValidationError(GlyphError):
     """An input violates a documented contract (schema, value range, config)."""
 
 
+class SettingError(ValidationError):
+    """A setting is unknown, of the wrong type or out of range; the message names its dotted
+    path as a user writes it (`train.learning_rate=-1: must be > 0`)."""
+
+
 class SchemaError(ValidationError):
     """A table lacks columns a stage needs, or refers to rows that do not exist."""
 
@@ -46,6 +51,16 @@ class SourceError(ValidationError):
 
 class LeakageError(GlyphError):
     """A held-out question reached training data."""
+
+
+class ErrorBudgetExceeded(GlyphError):
+    """Too much of a stage's work failed (a dead teacher endpoint, a broken model): the stage
+    fails before publishing, so a failure is never cached as a result."""
+
+
+class EndpointError(GlyphError):
+    """A service the configuration points at (a teacher endpoint) cannot be used; the message
+    names the endpoint and what to check, never a credential."""
 
 
 class StorageError(Exception):

@@ -8,9 +8,22 @@ hash. A restarted run recomputes the same keys, reuses the published shards and 
 the missing ones. Because the problem order is a fixed hash order, shards are also prefix
 stable: a run with `limit=2000` reuses every shard of an earlier `limit=1000` run.
 
-Faults never crash the stage: error completions are retried once per shard, then kept as rows
+A fault never crashes a shard: error completions are retried once per shard, then kept as rows
 with `finish_reason="error"` and counted by kind; empty, truncated or malformed completions are
-kept as well (the filter stage drops them and counts why).
+kept as well (the filter stage drops them and counts why). But a stage whose work mostly failed
+fails: when more than `max_error_rate` of the completions are errors (a dead endpoint, a wrong
+model name), `ErrorBudgetExceeded` is raised before the traces table is published, so a failure
+is never cached as a result. It is raised as soon as the errors so far exceed the budget of the
+whole stage, so a dead teacher fails in one shard's time, not after every shard.
+
+A published shard keeps the completions that succeeded and is reused, but its error rows are
+never reused as they are: whenever a shard with errors is read, its failed requests go back to
+the teacher and the shard is republished with whatever now succeeds. A fixed endpoint thus
+repairs a failed run on the next attempt, without regenerating the rest.
+
+The `teacher` column records who wrote each row as precisely as the backend can tell (for an
+OpenAI-compatible endpoint, the model it reports serving), and `GenerateResult.teachers` counts
+rows per teacher, reused shards included.
 """
 
 from __future__ import annotations
@@ -30,12 +43,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from glyph_core.config import GenerateConfig
-from glyph_core.errors import GlyphError, StorageError
+from glyph_core.errors import ErrorBudgetExceeded, GlyphError, StorageError
 from glyph_core.glyphs import validate_trace
 from glyph_core.outputs import Progress, StageOutput, StageStats, Timer
 from glyph_core.prompts import TEMPLATE_HASH, messages_for
 from glyph_core.storage import DatasetRef, Store, canonical_json, stage_key
-from glyph_core.teachers import Completion, GenRequest, Teacher, make_teacher
+from glyph_core.teachers import make_teacher
+from glyph_core.teachers.base import Completion, GenRequest, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +82,11 @@ class GenerateResult:
     ref: DatasetRef
     rows: int
     shards_total: int
-    shards_generated: int
+    shards_generated: int  # generated or repaired in this run
     shards_reused: int
     problems: int
+    shards_repaired: int = 0  # reused shards whose error rows were sent to the teacher again
+    teachers: dict[str, int] = field(default_factory=dict)  # `teacher` column value -> rows
     errors: dict[str, int] = field(default_factory=dict)  # error kind -> completions
     finish_reasons: dict[str, int] = field(default_factory=dict)
     empty: int = 0
@@ -188,7 +204,10 @@ def generate_shard(teacher: Teacher, problems: list[dict[str, Any]], cfg: Genera
     if len(results) != len(requests):
         raise GlyphError(f"teacher returned {len(results)} results for {len(requests)} requests")
     results = [_pad(r, n) for r in results]
-    results = _retry_errors(teacher, requests, results, n)
+    if not all(c.finish_reason == "error" for comps in results for c in comps):
+        # Sporadic faults get a second chance; a shard that failed whole (a dead endpoint, whose
+        # client already retried each request) would only fail again, twice as slowly.
+        results = _retry_errors(teacher, requests, results, n)
     sampling = _sampling_json(cfg)
     name = getattr(teacher, "name", cfg.teacher.backend)
     rows: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
@@ -229,6 +248,104 @@ def _publish_shard(store: Store, uri: str, table: pa.Table) -> None:
     store.publish_bytes(uri, buf.getvalue())
 
 
+def _errors_in(table: pa.Table) -> int:
+    return int(pc.sum(pc.equal(table["finish_reason"], "error")).as_py() or 0)
+
+
+def _merge_retry(table: pa.Table, again: pa.Table) -> pa.Table:
+    """`table` with each error row replaced by the retry's row for the same (id, sample) when
+    that one succeeded; rows keep their order."""
+    fixed = {(r["id"], r["sample"]): r for r in again.to_pylist() if r["finish_reason"] != "error"}
+    rows = [
+        fixed.get((r["id"], r["sample"]), r) if r["finish_reason"] == "error" else r
+        for r in table.to_pylist()
+    ]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+class _LazyTeacher:
+    """The caller's teacher, or one built from the config on first use (a run whose shards are
+    all done and clean never loads a model or probes an endpoint) and closed at the end."""
+
+    def __init__(self, cfg: GenerateConfig, teacher: Teacher | None) -> None:
+        self.cfg, self.teacher, self.own = cfg, teacher, teacher is None
+
+    def get(self) -> Teacher:
+        if self.teacher is None:
+            self.teacher = make_teacher(self.cfg.teacher)
+        return self.teacher
+
+    def close(self) -> None:
+        if self.own and self.teacher is not None:
+            self.teacher.close()
+
+
+@dataclass
+class _ShardRun:
+    table: pa.Table
+    status: str  # "generated" | "reused" | "repaired"
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def _shard(
+    store: Store, shard: list[dict[str, Any]], cfg: GenerateConfig, teacher: _LazyTeacher
+) -> _ShardRun:
+    """One shard: reused when published and clean, repaired when published with error rows,
+    generated otherwise; published again whenever more of it succeeded than before."""
+    uri = shard_uri(store, shard_key(shard, cfg))
+    table = _read_shard(store, uri, len(shard) * cfg.teacher.n)
+    if table is not None and not _errors_in(table):
+        return _ShardRun(table, "reused")
+    t0 = time.perf_counter()
+    if table is None:
+        fresh = table = generate_shard(teacher.get(), shard, cfg)
+        status = "generated"
+        _publish_shard(store, uri, table)
+    else:
+        failed = set(table.filter(pc.equal(table["finish_reason"], "error"))["id"].to_pylist())
+        log.info("shard %s: %d problem(s) with errors from an earlier run; asking again", uri, len(failed))
+        fresh = generate_shard(teacher.get(), [p for p in shard if p["id"] in failed], cfg)
+        before, table = _errors_in(table), _merge_retry(table, fresh)
+        status = "repaired"
+        if _errors_in(table) < before:
+            _publish_shard(store, uri, table)
+    seconds = time.perf_counter() - t0
+    return _ShardRun(table, status, seconds, int(pc.sum(fresh["completion_tokens"]).as_py() or 0))
+
+
+class _ErrorBudget:
+    """Counts error completions across shards and fails the stage as soon as the errors so far
+    exceed `max_error_rate` of all its completions: from then on, no outcome of the remaining
+    shards could make the stage succeed."""
+
+    def __init__(self, cfg: GenerateConfig, total: int) -> None:
+        self.cfg, self.total = cfg, total
+        self.errors = 0
+        self.kinds: Counter[str] = Counter()
+        self.first: str | None = None
+
+    def add(self, table: pa.Table) -> None:
+        for reason, err in zip(table["finish_reason"].to_pylist(), table["error"].to_pylist(), strict=True):
+            if reason == "error":
+                self.errors += 1
+                self.kinds[error_kind(err)] += 1
+                self.first = self.first or err
+        if self.errors > self.cfg.max_error_rate * self.total:
+            raise self.failure()
+
+    def failure(self) -> ErrorBudgetExceeded:
+        t = self.cfg.teacher
+        where = f"{t.backend}:{t.model}" + (f" at {t.base_url}" if t.base_url else "")
+        kinds = ", ".join(f"{k} x{v}" for k, v in self.kinds.most_common())
+        return ErrorBudgetExceeded(
+            f"generate: {self.errors} of {self.total} completions failed ({kinds}), more than "
+            f"generate.max_error_rate={self.cfg.max_error_rate:g} allows; teacher {where}; "
+            f"first error: {(self.first or 'unknown')[:200]}. Nothing was published: fix the teacher "
+            "and rerun (completions that succeeded are kept, failed ones are asked again)"
+        )
+
+
 # -- fan-out over several workers ---------------------------------------------------------------
 
 
@@ -266,31 +383,24 @@ def generate_shard_group(
     only concatenates, and regenerates just the shards a dead worker left unfinished.
     Nothing else is written: the stage's output is the final pass's.
     """
-    if cfg.shard_size < 1:
-        raise GlyphError("shard_size must be at least 1")
     problems = select_problems(store.read_table(problems_ref), cfg)
     shards = [problems[i : i + cfg.shard_size] for i in range(0, len(problems), cfg.shard_size)]
     mine = shard_group(len(shards), worker, workers)
-    n = cfg.teacher.n
     out = GroupResult(worker=worker, workers=workers, shards=len(mine), generated=0, reused=0)
-    own_teacher = teacher is None
+    budget = _ErrorBudget(cfg, sum(len(shards[i]) for i in mine) * cfg.teacher.n)
+    lazy = _LazyTeacher(cfg, teacher)
     try:
         for i in mine:
-            uri = shard_uri(store, shard_key(shards[i], cfg))
-            if _read_shard(store, uri, len(shards[i]) * n) is not None:
+            run = _shard(store, shards[i], cfg, lazy)
+            if run.status == "reused":
                 out.reused += 1
-                continue
-            if teacher is None:
-                teacher = make_teacher(cfg.teacher)
-            t0 = time.perf_counter()
-            table = generate_shard(teacher, shards[i], cfg)
-            out.generate_s += time.perf_counter() - t0
-            out.completion_tokens += int(pc.sum(table["completion_tokens"]).as_py() or 0)
-            _publish_shard(store, uri, table)
-            out.generated += 1
+            else:
+                out.generated += 1
+            out.generate_s += run.seconds
+            out.completion_tokens += run.tokens
+            budget.add(run.table)
     finally:
-        if own_teacher and teacher is not None:
-            teacher.close()
+        lazy.close()
     log.info("shard group %d/%d: %d generated, %d reused", worker, workers, out.generated, out.reused)
     return out
 
@@ -342,42 +452,28 @@ def generate_traces(
     `cfg.teacher`, which is what the shard keys are computed from. A teacher built here is
     created only when some shard is missing, and closed at the end.
     """
-    if cfg.shard_size < 1:
-        raise GlyphError("shard_size must be at least 1")
-    if cfg.teacher.n < 1:
-        raise GlyphError("teacher.n must be at least 1")
     problems = select_problems(store.read_table(problems_ref), cfg)
     shards = [problems[i : i + cfg.shard_size] for i in range(0, len(problems), cfg.shard_size)]
-    keys = [shard_key(s, cfg) for s in shards]
-    n = cfg.teacher.n
+    budget = _ErrorBudget(cfg, len(problems) * cfg.teacher.n)
 
     tables: list[pa.Table] = []
-    reused = generated = problems_done = 0
-    gen_tokens = 0
+    counts: Counter[str] = Counter()
+    problems_done = gen_tokens = 0
     gen_seconds = 0.0
-    own_teacher = teacher is None
+    lazy = _LazyTeacher(cfg, teacher)
     try:
-        for i, (shard, shard_k) in enumerate(zip(shards, keys, strict=True)):
-            uri = shard_uri(store, shard_k)
-            table = _read_shard(store, uri, len(shard) * n)
-            if table is not None:
-                reused += 1
-            else:
-                if teacher is None:
-                    teacher = make_teacher(cfg.teacher)
-                t0 = time.perf_counter()
-                table = generate_shard(teacher, shard, cfg)
-                gen_seconds += time.perf_counter() - t0
-                gen_tokens += int(pc.sum(table["completion_tokens"]).as_py() or 0)
-                _publish_shard(store, uri, table)
-                generated += 1
-            tables.append(table)
+        for i, shard in enumerate(shards):
+            run = _shard(store, shard, cfg, lazy)
+            counts[run.status] += 1
+            gen_seconds += run.seconds
+            gen_tokens += run.tokens
+            budget.add(run.table)  # raises before anything below publishes the stage's output
+            tables.append(run.table)
             problems_done += len(shard)
             if progress is not None:
                 progress(i + 1, len(shards), problems_done, gen_tokens / gen_seconds if gen_seconds else 0.0)
     finally:
-        if own_teacher and teacher is not None:
-            teacher.close()
+        lazy.close()
 
     traces = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     ref = store.write_table(traces, STAGE, key(cfg, problems=problems_ref))
@@ -386,8 +482,9 @@ def generate_traces(
         ref=ref,
         rows=traces.num_rows,
         shards_total=len(shards),
-        shards_generated=generated,
-        shards_reused=reused,
+        shards_generated=counts["generated"] + counts["repaired"],
+        shards_reused=counts["reused"],
+        shards_repaired=counts["repaired"],
         problems=problems_done,
         completion_tokens=gen_tokens,
         generate_s=round(gen_seconds, 3),
@@ -424,6 +521,7 @@ def trace_stats(traces: pa.Table, cfg: GenerateConfig) -> dict[str, Any]:
         elif cfg.teacher.prompt == "glyph" and validate_trace(text):
             invalid += 1
     return {
+        "teachers": dict(Counter(traces["teacher"].to_pylist())),
         "errors": dict(errors),
         "finish_reasons": dict(reasons),
         "empty": empty,
@@ -451,6 +549,8 @@ def run(
         "shards_total": result.shards_total,
         "shards_generated": result.shards_generated,
         "shards_reused": result.shards_reused,
+        "shards_repaired": result.shards_repaired,
+        "teachers": result.teachers,
         "completion_tokens": result.completion_tokens,
         "tokens_per_s": result.tokens_per_s,
         **{f"error_{k}": v for k, v in result.errors.items()},

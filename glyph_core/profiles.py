@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, create_model
+from pydantic import Field, ValidationError, create_model
 
 from glyph_core.config import (
     NOT_IN_KEY,
@@ -36,6 +36,7 @@ from glyph_core.config import (
     TeacherConfig,
     TrainConfig,
     UnifyConfig,
+    invalid_settings,
 )
 from glyph_core.errors import GlyphError
 from glyph_core.stages import Stage, stages
@@ -248,8 +249,8 @@ def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any]) -> Pipeli
         node[parts[-1]] = value
     try:
         return pipeline_config_model().model_validate(data)
-    except Exception as exc:  # pydantic's message names the field and the bad value
-        raise GlyphError(f"invalid override: {exc}") from exc
+    except ValidationError as exc:  # one line naming each dotted field and its bad value
+        raise invalid_settings(exc) from exc
 
 
 def load_profile(name: str, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:

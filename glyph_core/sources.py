@@ -109,37 +109,59 @@ def _text(obj: Any, name: str, loc: Loc) -> str:
 # readers
 
 
-def _require_file(path: Path) -> None:
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; a missing, empty or unreadable file is a `SourceError` naming it."""
+    if path.is_dir():
+        raise SourceError("is a directory, expected a file", path=str(path))
     if not path.is_file():
         raise SourceError("file not found", path=str(path))
-    if path.stat().st_size == 0:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SourceError(f"cannot read ({exc.strerror or exc})", path=str(path)) from None
+    if not data:
         raise SourceError("empty file", path=str(path))
+    return data
+
+
+def _decode(raw: bytes, path: Path, line: int | None = None) -> str:
+    """UTF-8 text, or an error that says where the bytes stop being text: the usual cause is a
+    binary or compressed file (a `.gz`, a Parquet file) saved under the expected name."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if line is None:  # a whole file: name the line the bad byte is on
+            line = raw[: exc.start].count(b"\n") + 1
+        raise SourceError(
+            f"not UTF-8 text (byte 0x{raw[exc.start]:02x}): a binary or compressed file under this name?",
+            path=str(path),
+            line=line,
+        ) from None
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[Loc, Any]]:
     """Yield (location, parsed object) per non-blank line; errors name the 1-based line."""
-    _require_file(path)
     seen = False
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            loc = Loc(str(path), line=lineno)
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise loc.error(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            seen = True
-            yield loc, obj
+    for lineno, raw in enumerate(_read_bytes(path).splitlines(), start=1):
+        loc = Loc(str(path), line=lineno)
+        line = _decode(raw, path, lineno)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise loc.error(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        seen = True
+        yield loc, obj
     if not seen:
         raise SourceError("empty file (no JSON lines)", path=str(path))
 
 
 def read_json_list(path: Path) -> Iterator[tuple[Loc, Any]]:
     """Yield (location, element) of a JSON list; errors name the 0-based row."""
-    _require_file(path)
+    text = _decode(_read_bytes(path), path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SourceError(f"not valid JSON ({exc.msg})", path=str(path), line=exc.lineno) from None
     if not isinstance(data, list):

@@ -10,11 +10,20 @@ storage. s3fs and `ParquetWriter` both commit partial objects when an exception 
 `with` block, which is why nothing here streams straight to the final name. A model directory
 is published by writing its `manifest.json` last; a directory without a manifest, or whose
 files do not match it, is never trusted.
+
+Nothing waits forever, and every failure is one `StorageError` line naming the path or the
+endpoint and what to check. On object storage each request has a connect and a read timeout
+and a bounded number of attempts (botocore's, the only retry loop: s3fs's own is set to one
+pass), `$GLYPH_S3_CONNECT_TIMEOUT` / `$GLYPH_S3_READ_TIMEOUT` (seconds) and
+`$GLYPH_S3_MAX_ATTEMPTS` override them. `ensure` probes the store once before any work: a
+missing, dead or silent endpoint, a root that is a file or a read-only directory fail there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -22,17 +31,24 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import botocore.exceptions as boto
+import botocore.handlers
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from aiobotocore.session import AioSession
 from pydantic import BaseModel, ConfigDict
 
-from glyph_core.errors import StorageError
+from glyph_core.errors import SettingError, StorageError
 
 MANIFEST = "manifest.json"
+STORE_HINT = "choose another store (--store or $GLYPH_STORE)"
 
 
 class DatasetRef(BaseModel):
@@ -71,12 +87,92 @@ def stage_key(stage: str, version: str, inputs: dict[str, str], config: Any) -> 
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class S3Limits:
+    """How long one S3 request may take: with the defaults a dead endpoint fails in seconds and
+    a silent one (accepts connections, never answers) in about 20 s, instead of never."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    max_attempts: int = 2  # tries per request, the first included
+
+    ENV = {
+        "connect_timeout": "GLYPH_S3_CONNECT_TIMEOUT",
+        "read_timeout": "GLYPH_S3_READ_TIMEOUT",
+        "max_attempts": "GLYPH_S3_MAX_ATTEMPTS",
+    }
+
+    @classmethod
+    def from_env(cls) -> S3Limits:
+        values: dict[str, Any] = {}
+        for name, var in cls.ENV.items():
+            text = os.environ.get(var)
+            if not text:
+                continue
+            kind = int if name == "max_attempts" else float
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                values[name] = -1
+            if values[name] <= 0:
+                raise SettingError(f"${var}={text!r}: must be a {kind.__name__} > 0")
+        return cls(**values)
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """Arguments of `botocore.config.Config`, which s3fs passes on from `config_kwargs`."""
+        return {
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+            "retries": {"total_max_attempts": self.max_attempts, "mode": "standard"},
+        }
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _bounded_session() -> AioSession:
+    """A botocore session whose PUTs carry no `Expect: 100-continue`.
+
+    aiohttp starts a request's read timeout only once the body is sent, and with that header it
+    first waits for the interim "100 Continue": a server that accepts the connection and never
+    answers then holds a write forever, whatever `read_timeout` says. S3 does not need the
+    header (it only saves sending a body that would be refused), so it goes. One session per
+    store, because a session caches the credentials it resolved.
+    """
+    session = AioSession()
+    session.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    return session
+
+
 def _storage_options(root: str) -> dict[str, Any]:
-    """Endpoint and credentials come from the usual AWS variables; they are never logged."""
+    """Endpoint and limits; credentials come from the usual AWS variables and are never logged.
+    Plain JSON, because Prefect saves them in a result-storage block (tasks/caching.py)."""
     if root.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        endpoint = s3_endpoint()
+        options: dict[str, Any] = {"config_kwargs": S3Limits.from_env().config_kwargs()}
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return options
     return {}
+
+
+# The OS's, botocore's, aiohttp's (raised through aiobotocore) and the event loop's timeouts.
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    boto.BotoCoreError,
+    boto.ClientError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    fsspec.exceptions.FSTimeoutError,
+)
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 class Store:
@@ -88,8 +184,13 @@ class Store:
             root = str(Path(root).expanduser().resolve())
         self.root = root.rstrip("/")
         options = {**_storage_options(self.root), **storage_options}
+        if self.root.startswith("s3://"):
+            options.setdefault("session", _bounded_session())
         self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
         self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        if not self.is_local and hasattr(self.fs, "retries"):
+            self.fs.retries = 1  # s3fs retries on top of botocore: one bounded loop is enough
+        self.limits = S3Limits.from_env()
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -99,21 +200,104 @@ class Store:
         return "/".join([self.root, *parts])
 
     def exists(self, uri: str) -> bool:
-        return bool(self.fs.exists(uri))
+        with self._failures("check", uri):
+            return bool(self.fs.exists(uri))
 
     def ensure(self) -> Store:
-        """Create the root (the bucket, on object storage) so a fresh store works at once."""
-        try:
-            if self.is_local:
-                Path(self.fs._strip_protocol(self.root)).mkdir(parents=True, exist_ok=True)
-            else:
-                bucket = self.fs._strip_protocol(self.root).split("/", 1)[0]
-                if not self.fs.exists(bucket):
-                    with contextlib.suppress(FileExistsError):  # created meanwhile by another run
-                        self.fs.mkdir(bucket)
-        except OSError as exc:
-            raise StorageError(f"cannot create the store root {self.root}: {exc}") from exc
+        """Create the root (the bucket, on object storage) so a fresh store works at once, and
+        check that it can be written: a bad store fails here, before any stage starts."""
+        if self.is_local:
+            self._ensure_local(Path(self.fs._strip_protocol(self.root)))
+            return self
+        bucket = self.fs._strip_protocol(self.root).split("/", 1)[0]
+        with self._failures("open the bucket of", self.root):
+            try:
+                self.fs.call_s3("head_bucket", Bucket=bucket)  # one request: reachable, allowed?
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):  # created meanwhile by another run
+                    self.fs.mkdir(bucket)
         return self
+
+    def _ensure_local(self, root: Path) -> None:
+        if root.exists() and not root.is_dir():
+            raise StorageError(f"store root {root} is a file, not a directory: {STORE_HINT} or move the file")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocker = _existing_ancestor(root)
+            if not blocker.is_dir():
+                raise StorageError(
+                    f"cannot create the store root {root}: {blocker} is a file, not a directory: {STORE_HINT}"
+                ) from None
+            raise StorageError(
+                f"cannot create the store root {root} ({exc.strerror}): "
+                f"make {blocker} writable or {STORE_HINT}"
+            ) from None
+        probe = root / f".write-test-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"")
+        except OSError as exc:
+            raise StorageError(
+                f"store root {root} is not writable ({exc.strerror}): make it writable "
+                f"(chmod u+w {root}) or {STORE_HINT}"
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+    @contextlib.contextmanager
+    def _failures(self, action: str, uri: str) -> Iterator[None]:
+        """Turn a storage library's exception into one `StorageError` line: what failed, where,
+        and what to check. `FileNotFoundError` passes through for callers that expect it."""
+        try:
+            yield
+        except (StorageError, FileNotFoundError):
+            raise
+        except _STORAGE_ERRORS as exc:
+            raise self._explain(action, uri, exc) from exc
+
+    def _explain(self, action: str, uri: str, exc: BaseException) -> StorageError:
+        """`could not <action> <uri>: <why>; <what to check>`, never a credential."""
+        if self.is_local:
+            path = Path(self.fs._strip_protocol(uri))
+            reason = getattr(exc, "strerror", None) or str(exc)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                fix = "free disk space or " + STORE_HINT
+            elif isinstance(exc, OSError) and exc.errno in (errno.ENOTDIR, errno.EEXIST):
+                fix = f"a file is in the way: remove it or {STORE_HINT}"
+            else:
+                fix = f"make {_existing_ancestor(path.parent)} writable or {STORE_HINT}"
+            return StorageError(f"could not {action} {path} ({reason}): {fix}")
+        endpoint = s3_endpoint()
+        where = f"S3 endpoint {endpoint}" if endpoint else "AWS S3 (no AWS_ENDPOINT_URL set)"
+        head = f"could not {action} {uri}: {where}"
+        code = str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, boto.ClientError) else ""
+        if isinstance(exc, boto.ReadTimeoutError | asyncio.TimeoutError | fsspec.exceptions.FSTimeoutError):
+            return StorageError(
+                f"{head} accepted the connection but did not answer within {self.limits.read_timeout:g} s "
+                f"({self.limits.max_attempts} attempt(s)); check the server's health "
+                "($GLYPH_S3_READ_TIMEOUT raises the limit)"
+            )
+        if isinstance(
+            exc, boto.EndpointConnectionError | boto.ConnectTimeoutError | aiohttp.ClientConnectionError
+        ):
+            fix = (
+                "check that the server is running and AWS_ENDPOINT_URL points at it"
+                if endpoint
+                else "set AWS_ENDPOINT_URL to your S3 server (MinIO, SeaweedFS) or check the network"
+            )
+            return StorageError(f"{head} cannot be reached; {fix}")
+        if isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError):
+            return StorageError(
+                f"{head} needs credentials and none were found; "
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            )
+        if isinstance(exc, PermissionError) or code in _DENIED:
+            return StorageError(
+                f"{head} denied access{f' ({code})' if code else ''}; "
+                "check the credentials (AWS_ACCESS_KEY_ID) and the bucket's permissions"
+            )
+        return StorageError(f"{head} failed: {type(exc).__name__}: {exc}"[:500])
 
     def link(self, uri: str) -> str:
         """A URL a person can open: `file://` for local paths, the URI itself otherwise."""
@@ -122,7 +306,7 @@ class Store:
     # -- bytes ------------------------------------------------------------------------------
     def publish_bytes(self, uri: str, data: bytes) -> None:
         """Make `data` visible at `uri` in one step, or not at all."""
-        try:
+        with self._failures("write", uri):
             if self.is_local:
                 path = Path(self.fs._strip_protocol(uri))
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,12 +321,11 @@ class Store:
                     tmp.unlink(missing_ok=True)
             else:
                 self.fs.pipe_file(uri, data)
-        except OSError as exc:
-            raise StorageError(f"could not write {uri}: {exc}") from exc
 
     def read_bytes(self, uri: str) -> bytes:
         try:
-            return bytes(self.fs.cat_file(uri))
+            with self._failures("read", uri):
+                return bytes(self.fs.cat_file(uri))
         except FileNotFoundError:
             raise StorageError(f"artifact not found: {uri}") from None
 

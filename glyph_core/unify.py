@@ -54,7 +54,7 @@ from typing import Any
 import pyarrow as pa
 
 from glyph_core.config import UnifyConfig
-from glyph_core.errors import LeakageError, SchemaError
+from glyph_core.errors import GlyphError, LeakageError, SchemaError
 from glyph_core.fingerprints import fingerprint_sources
 from glyph_core.outputs import Progress, StageOutput, StageStats, Timer, count_values
 from glyph_core.sources import SOURCES as KNOWN_SOURCES
@@ -241,6 +241,14 @@ def unify_records(records: list[Record], cfg: UnifyConfig) -> UnifyResult:
         [{k: r[k] for k in PROBLEMS_SCHEMA.names} for r in final], schema=PROBLEMS_SCHEMA
     )
     check_leakage(table)
+    for split in ("train", "test"):
+        if not any(r["split"] == split for r in final):
+            # Caught here, not two stages later as "SFT rows are empty" or as a 0 % evaluation.
+            raise GlyphError(
+                f"unify: no {split} problems left from sources {', '.join(cfg.sources)} "
+                f"({len(records)} records read, svamp_holdout={cfg.svamp_holdout}): "
+                "check the data directory and unify.sources"
+            )
     return UnifyResult(table=table, dropped=dict(dropped))
 
 

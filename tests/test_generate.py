@@ -222,7 +222,8 @@ def _fault_rows() -> list[dict]:
 def test_faults_are_counted_and_retried_once(store: Store) -> None:
     rows = _fault_rows()
     ref = publish_problems(store, rows)
-    cfg = GenerateConfig(teacher=TeacherConfig(backend="reference", n=2), shard_size=10)
+    # 2 of 12 completions fail for good: within a budget raised for this test (the default fails)
+    cfg = GenerateConfig(teacher=TeacherConfig(backend="reference", n=2), shard_size=10, max_error_rate=0.2)
     teacher = FaultyTeacher()
     result = generate_traces(store, ref, cfg, teacher=teacher)
     # one call for the shard, one retry with only the requests that had errors
@@ -243,7 +244,7 @@ def test_teacher_that_raises_does_not_crash_the_stage(store: Store) -> None:
     base = real_problem_rows(per_source=1)[0]
     rows = [dict(base, id="raise-0"), dict(base, id="ok-1", question="other")]
     ref = publish_problems(store, rows)
-    cfg = GenerateConfig(teacher=TeacherConfig(backend="reference"), shard_size=1)
+    cfg = GenerateConfig(teacher=TeacherConfig(backend="reference"), shard_size=1, max_error_rate=0.5)
     result = generate_traces(store, ref, cfg, teacher=FaultyTeacher())
     assert result.rows == 2
     assert result.errors == {"ConnectionError": 1}
@@ -262,15 +263,12 @@ def test_tiny_transformers_end_to_end(store: Store, tiny_model: Path) -> None:
     assert traces["teacher"][0].as_py() == f"transformers:{tiny_model}"
 
 
-@pytest.mark.parametrize("bad", [0])
-def test_bad_shard_size_is_rejected(store: Store, bad: int) -> None:
-    from glyph_core.errors import GlyphError
+@pytest.mark.parametrize("bad", [0, -3])
+def test_bad_shard_size_is_rejected(bad: int) -> None:
+    from pydantic import ValidationError
 
-    ref = publish_problems(store, real_problem_rows(per_source=1))
-    with pytest.raises(GlyphError):
-        generate_traces(
-            store, ref, GenerateConfig(teacher=TeacherConfig(backend="reference"), shard_size=bad)
-        )
+    with pytest.raises(ValidationError, match="shard_size"):
+        GenerateConfig(teacher=TeacherConfig(backend="reference"), shard_size=bad)
 
 
 # -- the command line --------------------------------------------------------------------------

@@ -319,6 +319,7 @@ def test_smollm2_lora_steps_and_greedy_eval(tmp_path):
                 "answer": str(2 * i),
                 "difficulty": d,
                 "bucket": b,
+                "level": None,
             }
             for i, (d, b) in enumerate([(0.0, "easy"), (1.0, "hard")], start=2)
         ]

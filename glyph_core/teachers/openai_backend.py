@@ -14,6 +14,14 @@ Why it is built this way:
 * The API key is read from the environment variable named in the config and handed to the
   client only; it is never logged or stored (error texts are the exception type and message,
   which the client builds without the key).
+* Every wait is bounded: connecting by `CONNECT_TIMEOUT_S`, a reply by `timeout_s` (it must
+  cover a whole non-streamed generation), attempts by `max_retries`. Before the first request
+  the teacher asks the endpoint which models it serves (`GET /models`, `PROBE_TIMEOUT_S`, one
+  retry), so a dead, silent or wrong endpoint, or a refused key, fails at once with one line
+  naming the endpoint, instead of as thousands of error completions.
+* The teacher's `name`, which the generate stage writes into every row, is the model the
+  endpoint reports serving: vLLM's `root` (the weights behind a `--served-model-name`) where it
+  is given, else the listed id, else the `model` field of the replies.
 """
 
 from __future__ import annotations
@@ -23,29 +31,65 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import openai
+
 from glyph_core.config import TeacherConfig
-from glyph_core.errors import GlyphError
+from glyph_core.errors import EndpointError, GlyphError
 from glyph_core.teachers.base import Completion, GenRequest
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 10.0
+
 
 def _client(cfg: TeacherConfig) -> Any:
-    try:
-        from openai import OpenAI
-    except ImportError as exc:  # pragma: no cover - a hard dependency in pyproject
-        raise GlyphError("the openai backend needs the `openai` package") from exc
-    if not cfg.base_url:
+    if not cfg.base_url:  # TeacherConfig refuses this too; a hand-built config may not have run it
         raise GlyphError("the openai backend needs base_url (for example http://localhost:8000/v1)")
     key = os.environ.get(cfg.api_key_env) or "EMPTY"  # local servers accept any key
-    return OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+    timeout = openai.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, CONNECT_TIMEOUT_S))
+    return openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=timeout, max_retries=cfg.max_retries)
+
+
+def served_model(client: Any, cfg: TeacherConfig) -> str | None:
+    """What the endpoint serves under `cfg.model` (see the module doc), or None when it does not
+    list its models. Raises `EndpointError` when it cannot be reached or refuses the key."""
+    probe = client.with_options(
+        timeout=min(cfg.timeout_s, PROBE_TIMEOUT_S), max_retries=min(cfg.max_retries, 1)
+    )
+    where = f"teacher endpoint {cfg.base_url}"
+    try:
+        listed = list(probe.models.list())
+    except openai.APITimeoutError:
+        raise EndpointError(
+            f"{where} accepted the connection but did not answer GET /models within "
+            f"{min(cfg.timeout_s, PROBE_TIMEOUT_S):g} s: check that the server has finished loading"
+        ) from None
+    except openai.APIConnectionError:
+        raise EndpointError(
+            f"{where} cannot be reached: check that the server is running and generate.teacher.base_url"
+        ) from None
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+        raise EndpointError(
+            f"{where} refused the API key from ${cfg.api_key_env} (HTTP {exc.status_code}): check that key"
+        ) from None
+    except openai.APIError as exc:  # no listing on this server (404, 405, 501): identity unknown
+        log.info("%s does not list its models (%s)", where, type(exc).__name__)
+        return None
+    match = next((m for m in listed if m.id == cfg.model), None)
+    if match is None:
+        log.warning("%s lists %s, not %r", where, [m.id for m in listed][:5], cfg.model)
+        return None
+    root = getattr(match, "root", None)  # vLLM: the weights behind a --served-model-name
+    return str(root) if root else str(match.id)
 
 
 class OpenAITeacher:
     def __init__(self, cfg: TeacherConfig, client: Any | None = None) -> None:
         self.cfg = cfg
-        self.name = f"openai:{cfg.model}"
         self.client = client if client is not None else _client(cfg)
+        self.served = served_model(self.client, cfg)
+        self.name = f"openai:{self.served or cfg.model}"
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, cfg.concurrency), thread_name_prefix="openai-teacher"
         )
@@ -69,6 +113,9 @@ class OpenAITeacher:
         except Exception as exc:  # timeouts, dropped connections, exhausted retries, 4xx
             log.warning("request %s sample %d failed: %s", req.id, k, type(exc).__name__)
             return Completion("", "error", 0, 0, error=f"{type(exc).__name__}: {exc}"[:500])
+        if self.served is None and getattr(resp, "model", None):  # no listing: the reply says
+            self.served = str(resp.model)
+            self.name = f"openai:{self.served}"
         if not resp.choices:
             return Completion("", "error", 0, 0, error="EmptyResponse: no choices")
         choice = resp.choices[0]
