@@ -4,7 +4,8 @@
 #
 #   bash scripts/wheelsets/h100-vllm.sh DEST HOST_FREEZE
 #
-# HOST_FREEZE is the host's `python3 -m pip list --format=freeze`. The stand-ins (--skip) are
+# HOST_FREEZE is the host's `python3 -m pip list --format=freeze` (the lent H100's, read on 2026-11-25:
+# scripts/wheelsets/h100-host.freeze.txt). The stand-ins (--skip) are
 # vLLM requirements that dense Llama/Qwen2 models on an H100 never load (GPU kernels for other
 # chips and model families, the OpenAI-server extras) and two host versions that work although
 # vLLM's metadata pins others (numba, setuptools); with them the set is ~1/3 of vLLM's full one.
