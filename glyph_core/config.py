@@ -344,9 +344,11 @@ class TrainConfig(StrictModel):
     # trained weights, so it stays in the cache key.
     num_gpus: int = Field(default=1, ge=1, description="> 1 trains through `accelerate launch`")
     max_seq_len: SeqLen = Field(default=1024, description="rows are truncated to this many tokens")
-    packing: bool = Field(default=False, description="pack rows into max_seq_len blocks")
-    padding_free: bool = Field(default=False, description="no padding tokens (flash attention)")
-    gradient_checkpointing: bool = Field(default=False, description="recompute activations to save memory")
+    packing: bool = Field(
+        default=False,
+        description="pack rows into max_seq_len blocks (TRL's best-fit decreasing): a step then holds "
+        "a different number of rows, so it trains differently (in the key)",
+    )
     bf16: Literal["auto", "on", "off"] = Field(
         default="auto", description="auto = on where the GPU supports it"
     )
@@ -373,6 +375,43 @@ class TrainConfig(StrictModel):
         json_schema_extra=NOT_IN_KEY,
         description="auto = in this process for num_gpus 1, `accelerate launch` above",
     )
+    # How a step is computed, not what it computes (docs/gpu.md, "Fast SFT"): the rows of each
+    # optimizer step and the loss over their completion tokens stay the same, so these stay out of
+    # the key. "auto" resolves on the host that trains (`trainer.resolve_speed`): today's settings
+    # on a CPU, the fast ones on a GPU; the key, computed wherever the parent runs, never sees it.
+    micro_batch_size: Literal["auto"] | Count | None = Field(
+        default="auto",
+        json_schema_extra=NOT_IN_KEY,
+        description="rows per forward pass; divides batch_size x grad_accum (the rows of an optimizer "
+        "step); None = batch_size; auto = batch_size on a CPU, the fastest that fits on a GPU",
+    )
+    padding_free: Literal["auto"] | bool = Field(
+        default="auto",
+        json_schema_extra=NOT_IN_KEY,
+        description="a micro-batch's rows concatenated with position ids, no padding tokens and no "
+        "attention across rows; auto = on a GPU",
+    )
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        default="auto",
+        json_schema_extra=NOT_IN_KEY,
+        description="recompute activations in the backward pass to fit larger micro-batches; "
+        "auto = off on a CPU, on a GPU where it pays (resolve_speed)",
+    )
+    liger_kernel: Literal["auto"] | bool = Field(
+        default="auto",
+        json_schema_extra=NOT_IN_KEY,
+        description="Liger Kernel's RMSNorm, RoPE and SwiGLU (Triton; TRL keeps its own fused LM head "
+        "and loss); auto = on a GPU where liger-kernel is installed",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        default="auto",
+        json_schema_extra=NOT_IN_KEY,
+        description="transformers' attention; auto = flash_attention_2 on a GPU where flash-attn is "
+        "installed, else sdpa (padding-free: a block-diagonal mask from the position ids)",
+    )
+    torch_compile: bool = Field(
+        default=False, json_schema_extra=NOT_IN_KEY, description="torch.compile the model (Trainer's)"
+    )
 
     @model_validator(mode="after")
     def _trains_something(self) -> TrainConfig:
@@ -381,6 +420,13 @@ class TrainConfig(StrictModel):
             raise _setting_error("max_steps", 0, "must be -1 (train for `epochs`) or >= 1")
         if self.max_steps == -1 and self.epochs <= 0:
             raise _setting_error("epochs", self.epochs, "must be > 0 when max_steps=-1 (train for `epochs`)")
+        step_rows = self.batch_size * self.grad_accum
+        if isinstance(self.micro_batch_size, int) and step_rows % self.micro_batch_size:
+            raise _setting_error(
+                "micro_batch_size",
+                self.micro_batch_size,
+                f"must divide batch_size x grad_accum = {step_rows} (the rows of an optimizer step)",
+            )
         return self
 
 

@@ -20,6 +20,10 @@ Why it is built this way:
   tokens/s is measured, not estimated.
 * **Progress**: ``progress(step, max_steps)`` is called after every optimizer step on rank 0
   (a ``TrainerCallback``), so the train stage's progress artifact moves while it trains.
+* **Fast on a GPU, the same loss everywhere** (docs/gpu.md, "Fast SFT"): :func:`resolve_speed`
+  turns the ``auto`` settings into how each step is computed on this host (micro-batch and
+  accumulation, padding-free batches, gradient checkpointing, Liger kernels, attention); the rows
+  of every optimizer step and the token-weighted loss over their completion tokens do not change.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class TrainResult:
     metrics: pa.Table
     kind: str  # "lora" | "full"
     model: Any = field(default=None, repr=False)
+    speed: Speed | None = None  # how the steps were computed on this host (resolve_speed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +244,188 @@ def _use_bf16(cfg: TrainConfig, device: str) -> bool:
     return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+# ---------------------------------------------------------------------------------------------
+# speed: how each optimizer step is computed on this host
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The resolved ``auto`` settings: how a step is computed here, never what it computes."""
+
+    micro_batch_size: int  # rows per forward/backward pass
+    grad_accum: int  # passes per optimizer step: micro_batch_size x grad_accum = the step's rows
+    padding_free: bool
+    gradient_checkpointing: bool
+    liger_kernel: bool
+    attn_implementation: str | None  # None: the model's default (transformers picks sdpa)
+    torch_compile: bool
+    why: str  # one line: the memory estimate behind the micro-batch, for the log and the manifest
+
+
+@dataclass(frozen=True)
+class Host:
+    """What :func:`resolve_speed` needs to know about the training host and the model."""
+
+    cuda: bool
+    gpu_bytes: int = 0  # total memory of one GPU
+    weight_bytes: int = 0  # the loaded model's parameters
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_layers: int = 0
+    mean_row_tokens: float = 0.0  # of this run's rows, truncated at max_seq_len
+    liger_installed: bool = False
+    flash_attn_installed: bool = False
+
+
+# Activation memory per token of a decoder layer in bytes, in multiples of hidden (h) and MLP (i)
+# widths, bf16, LoRA on every linear layer, attention without an S x S matrix (sdpa/flash). What
+# autograd keeps: each RMSNorm's input (fp32 copies in transformers' own, ~10h; Liger's keeps 2h),
+# q/k/v/o inputs and the attention's q, k, v, output (~12h), and the MLP's gate, up, SiLU and
+# product (8i; Liger's SwiGLU recomputes SiLU: 6i). LoRA dropout > 0 keeps a dropped copy and a
+# mask of each adapted layer's input (3 bytes x (6h + i)).
+_NORM_BYTES = {False: 10, True: 2}
+_ATTN_BYTES = 12
+_MLP_BYTES = {False: 8, True: 6}
+# Measured over estimated: Liger, batch 8 x 1,024 tokens, no checkpointing on the 7B shape took
+# 73 GiB on an H100 (issue 18), 7.2 MiB of activations a token against 4.6 MiB estimated above:
+# the backward's transient buffers and the allocator's slack.
+_MEASURED_OVER_ESTIMATE = 1.6
+GPU_MEMORY_FRACTION = 0.90  # of the card for weights, optimizer and activations; the rest is slack
+# A forward+backward pass costs as if it held this many more tokens: kernel launches (LoRA adds
+# ~35 small kernels a layer) and weight reads that do not shrink with the batch. It decides when
+# checkpointing (1.5x the FLOPs for LoRA: 6PT against 4PT) buys a micro-batch large enough to pay.
+PASS_OVERHEAD_TOKENS = 512
+
+
+def _layer_bytes_per_token(host: Host, liger: bool, dropout: float) -> float:
+    h, i = host.hidden_size, host.intermediate_size
+    per = (2 * _NORM_BYTES[liger] + _ATTN_BYTES) * h + _MLP_BYTES[liger] * i
+    if dropout > 0:
+        per += 3 * (6 * h + i)
+    return per * _MEASURED_OVER_ESTIMATE
+
+
+def activation_bytes_per_token(host: Host, *, liger: bool, dropout: float, checkpointing: bool) -> float:
+    """Peak activation bytes per token of a micro-batch: every layer's, or with checkpointing the
+    layers' bf16 inputs plus one layer recomputed at a time; plus the fused LM head's fp32 grads."""
+    layer = _layer_bytes_per_token(host, liger, dropout)
+    body = (2 * host.hidden_size * host.num_layers + layer) if checkpointing else layer * host.num_layers
+    return body + 6 * host.hidden_size
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_speed(cfg: TrainConfig, host: Host) -> Speed:
+    """The ``auto`` settings for this host; explicit settings are kept as they are.
+
+    On a CPU: today's way (micro-batch = ``batch_size``, padded batches, no checkpointing, no
+    Liger, the model's attention). On a GPU: padding-free batches, Liger where installed,
+    flash-attn where installed, and the micro-batch (a divisor of the step's rows) and
+    checkpointing that minimise ``factor x (tokens + passes x PASS_OVERHEAD_TOKENS)`` per step
+    among those whose worst case (every row ``max_seq_len`` tokens) fits the card.
+    """
+    step_rows = cfg.batch_size * cfg.grad_accum
+    gpu = host.cuda
+    liger = (gpu and host.liger_installed) if cfg.liger_kernel == "auto" else bool(cfg.liger_kernel)
+    padding_free = cfg.packing or (gpu if cfg.padding_free == "auto" else bool(cfg.padding_free))
+    attn: str | None
+    if cfg.attn_implementation == "auto":
+        attn = ("flash_attention_2" if host.flash_attn_installed else "sdpa") if gpu else None
+    else:
+        attn = cfg.attn_implementation
+
+    def speed(micro: int, ckpt: bool, why: str) -> Speed:
+        return Speed(micro, step_rows // micro, padding_free, ckpt, liger, attn, cfg.torch_compile, why)
+
+    fixed_micro = cfg.micro_batch_size != "auto" or not gpu
+    fixed_ckpt = cfg.gradient_checkpointing != "auto" or not gpu
+    if fixed_micro and fixed_ckpt:
+        micro = cfg.batch_size if cfg.micro_batch_size in ("auto", None) else int(cfg.micro_batch_size)
+        return speed(micro, cfg.gradient_checkpointing is True, "as configured")
+
+    # the worst case of a micro-batch: every row max_seq_len tokens (packing: every row is)
+    budget = GPU_MEMORY_FRACTION * host.gpu_bytes - 1.1 * host.weight_bytes - 2**30
+    dropout = cfg.lora.dropout if cfg.method == "lora" else 0.0
+    recompute = 1.5 if cfg.method == "lora" else 4 / 3  # LoRA: 6PT / 4PT; full: 8PT / 6PT
+    mean = cfg.max_seq_len if cfg.packing else min(host.mean_row_tokens or cfg.max_seq_len, cfg.max_seq_len)
+    micros = _divisors(step_rows) if cfg.micro_batch_size == "auto" else [cfg.micro_batch_size or cfg.batch_size]
+    ckpts = [False, True] if cfg.gradient_checkpointing == "auto" else [bool(cfg.gradient_checkpointing)]
+    best: tuple[float, int, bool, float] | None = None
+    for ckpt in ckpts:
+        per_token = activation_bytes_per_token(host, liger=liger, dropout=dropout, checkpointing=ckpt)
+        fits = [m for m in micros if m * cfg.max_seq_len * per_token <= budget]
+        if not fits:
+            continue
+        m = max(fits)
+        cost = (recompute if ckpt else 1.0) * (step_rows * mean + step_rows / m * PASS_OVERHEAD_TOKENS)
+        if best is None or cost < best[0]:
+            best = (cost, m, ckpt, per_token)
+    if best is None:  # nothing fits by the estimate: the smallest footprint, and let torch say
+        return speed(min(micros), ckpts[-1], f"nothing fits {budget / 2**30:.1f} GiB by the estimate")
+    _, m, ckpt, per_token = best
+    return speed(
+        m,
+        ckpt,
+        f"{m} rows x {cfg.max_seq_len} tokens x {per_token / 2**20:.2f} MiB/token "
+        f"<= {budget / 2**30:.1f} GiB for activations; mean row {mean:.0f} tokens",
+    )
+
+
+def _host(cfg: TrainConfig, device: str, model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> Host:
+    """This host and model as :func:`resolve_speed` sees them (the GPU's size before any use)."""
+    import importlib.util
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return Host(cuda=False)
+    text = model.config.get_text_config()
+    sample = records[:: max(1, len(records) // 512)]  # the mean row length from up to ~512 rows
+    texts = [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in sample]
+    lengths = [min(len(ids), cfg.max_seq_len) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return Host(
+        cuda=True,
+        gpu_bytes=torch.cuda.get_device_properties(torch.device(device)).total_memory,
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        hidden_size=int(text.hidden_size),
+        intermediate_size=int(getattr(text, "intermediate_size", 4 * text.hidden_size)),
+        num_layers=int(text.num_hidden_layers),
+        mean_row_tokens=sum(lengths) / max(1, len(lengths)),
+        liger_installed=importlib.util.find_spec("liger_kernel") is not None,
+        flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
+    )
+
+
+def _check_speed_settings(cfg: TrainConfig, device: str) -> None:
+    """Explicit speed settings this host cannot honour fail before the model loads."""
+    import importlib.util
+
+    if cfg.liger_kernel is True:
+        if not device.startswith("cuda"):
+            raise GlyphError(f"train.liger_kernel=true needs a CUDA device (Triton kernels), got {device!r}")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise GlyphError("train.liger_kernel=true but liger-kernel is not installed (pip install liger-kernel)")
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise GlyphError("train.attn_implementation=flash_attention_2 but flash-attn is not installed")
+
+
+def _padding_free_collator(tokenizer: Any) -> Any:
+    """TRL's own collator in padding-free mode: a micro-batch's rows concatenated into one
+    sequence with position ids restarting at 0 per row, so transformers' masks keep rows apart,
+    and the first token of each row never a target.
+
+    Passed as a collator instead of ``SFTConfig(padding_free=True)`` because TRL 1.16 refuses
+    that flag with ``max_length`` unless packing, although its dataset preparation truncates to
+    ``max_length`` either way; this keeps the truncation (and so the trained tokens) of padded
+    runs."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
+
+
 def _checkpointing_arg(config_cls: Any, on: bool) -> dict[str, Any]:
     """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; TRL's
     config still defaults the old name to True, so the new one is set explicitly when it exists."""
@@ -322,18 +509,25 @@ def train_sft(
     model_dir = output_dir / MODEL_SUBDIR
     device = _device(cfg)
     bf16 = _use_bf16(cfg, device)
+    _check_speed_settings(cfg, device)
 
     tokenizer = AutoTokenizer.from_pretrained(
         base_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     if tokenizer.chat_template is None:
         raise GlyphError(f"base model {cfg.base_model} has no chat template; SFT rows are chat-format")
+    attn = cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         base_path,
         revision=cfg.revision,
         dtype=torch.bfloat16 if bf16 else torch.float32,
         trust_remote_code=cfg.trust_remote_code,
+        **({} if attn == "auto" else {"attn_implementation": attn}),
     )
+    speed = resolve_speed(cfg, _host(cfg, device, model, tokenizer, records))
+    if attn == "auto" and speed.attn_implementation is not None:
+        model.set_attn_implementation(speed.attn_implementation)
+    log.info("train speed settings: %s", speed)
 
     peft_config = None
     if cfg.method == "lora":
@@ -349,17 +543,18 @@ def train_sft(
 
     args = SFTConfig(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=speed.micro_batch_size,
+        gradient_accumulation_steps=speed.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=float(cfg.warmup_ratio),  # a float in [0, 1) is a ratio of total steps
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         max_length=cfg.max_seq_len,
-        packing=cfg.packing,
-        padding_free=cfg.padding_free and not cfg.packing,
-        **_checkpointing_arg(SFTConfig, cfg.gradient_checkpointing),
+        packing=cfg.packing,  # TRL's "bfd": padding-free by itself
+        **_checkpointing_arg(SFTConfig, speed.gradient_checkpointing),
+        use_liger_kernel=speed.liger_kernel,
+        torch_compile=speed.torch_compile,
         bf16=bf16,
         fp16=False,
         use_cpu=device == "cpu",
@@ -370,7 +565,9 @@ def train_sft(
         save_steps=cfg.save_steps,
         save_total_limit=2,
         report_to=[],
-        include_num_input_tokens_seen="non_padding",
+        # padding-free batches have no padding and no attention mask: "non_padding" would count
+        # input ids unequal to the pad token, and the pad token (eos) also ends every turn
+        include_num_input_tokens_seen="all" if speed.padding_free else "non_padding",
         completion_only_loss=True,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -381,6 +578,7 @@ def train_sft(
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
         peft_config=peft_config,
+        data_collator=_padding_free_collator(tokenizer) if speed.padding_free and not cfg.packing else None,
         callbacks=[*_callbacks(progress), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # our callback logs one line per step instead
@@ -388,7 +586,7 @@ def train_sft(
     trainer.train(resume_from_checkpoint=resume)
     metrics = metrics_table(trainer.state.log_history)
     if not trainer.is_world_process_zero():  # several processes (glyph_core/launch.py): rank 0 saves
-        return TrainResult(model_dir=model_dir, manifest={}, metrics=metrics, kind=cfg.method)
+        return TrainResult(model_dir=model_dir, manifest={}, metrics=metrics, kind=cfg.method, speed=speed)
 
     # Publish the artifact: write into a sibling temp dir and rename, so a crash while saving
     # never leaves a half-written model directory that looks complete.
@@ -413,6 +611,7 @@ def train_sft(
         "config": cfg.model_dump(mode="json"),
         "metrics": summarize_metrics(metrics),
         "resumed_from": resume,
+        "speed": dataclasses.asdict(speed),
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -424,4 +623,5 @@ def train_sft(
         metrics=metrics,
         kind=kind,
         model=trained if keep_model else None,
+        speed=speed,
     )
