@@ -54,6 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/gpu.py` from the repository root
     sys.path.insert(0, str(REPO))
 
+from benchmarks import gpu_sft  # noqa: E402
+
 QWEN25_7B = dict(
     architectures=["Qwen2ForCausalLM"],
     attention_dropout=0.0,
@@ -159,12 +161,13 @@ def questions(count: int, seed: int = 0) -> list[str]:
     ]
 
 
-def build_model() -> Any:
+def build_model(device: str = "cuda") -> Any:
+    """Random bf16 weights; on `meta` nothing is allocated (to count parameters)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(**QWEN25_7B)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.eval()
     return model
@@ -254,57 +257,6 @@ def decode_bound(params: int, batch: int, ctx: int, bw: float) -> float:
     return batch * bw / step_bytes
 
 
-def sft_rows(count: int, seed: int = 1) -> pa.Table:
-    rng = random.Random(seed)
-    rows = []
-    for i, q in enumerate(questions(count, seed)):
-        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(80, 300)))
-        rows.append(
-            {
-                "id": f"s{i}",
-                "kind": "glyph",
-                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
-            }
-        )
-    return pa.Table.from_pylist(rows)
-
-
-def bench_sft(model_dir: str, label: str, steps: int, **overrides: Any) -> dict[str, Any]:
-    from glyph_core.config import TrainConfig
-    from glyph_core.trainer import train_sft
-
-    cfg = TrainConfig(
-        base_model=model_dir,
-        max_steps=steps,
-        logging_steps=1,
-        save_steps=10_000,
-        bf16="on",
-        max_seq_len=1024,
-        **overrides,
-    )
-    rows = sft_rows(cfg.batch_size * cfg.grad_accum * steps + 8)
-    work = Path(tempfile.mkdtemp(prefix=f"sft-{label}-"))
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        result = train_sft(rows, cfg, work, keep_model=False)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    timed = result.metrics.to_pylist()[1:]  # the first optimizer step includes warm-up
-    tokens = sum(r["tokens_per_s"] * r["interval_s"] for r in timed)
-    secs = sum(r["interval_s"] for r in timed)
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {
-        "label": label,
-        "steps_timed": len(timed),
-        "tokens": tokens,
-        "seconds": secs,
-        "tokens_per_s": tokens / secs,
-        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
-        "config": {k: v for k, v in overrides.items()},
-    }
-
-
 def model_dir_for_vllm(tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
     """A local model directory vLLM can load with `load_format="dummy"`: Qwen2.5-7B's config
     (bf16) and the tokenizer files of `tokenizer_dir`. The tokenizer's ids must stay below Qwen's
@@ -339,7 +291,7 @@ def parse_workload(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", required=True, help="a local chat tokenizer directory")
+    ap.add_argument("--tokenizer", help="a local chat tokenizer directory (required)")
     ap.add_argument("--out", default="benchmarks/results/gpu.json")
     ap.add_argument(
         "--workloads",
@@ -355,9 +307,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--slow-prompts", type=int, default=256, help="prompts for the transformers ways (the original: /4)"
     )
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.90)
-    ap.add_argument("--sft-steps", type=int, default=4)
     ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "vllm", "sft"])
-    return ap.parse_args(argv)
+    gpu_sft.add_arguments(ap)
+    args = ap.parse_args(argv)
+    if not args.tokenizer and not args.sft_worker:
+        ap.error("--tokenizer is required")
+    return args
 
 
 def bound_fields(
@@ -408,6 +363,9 @@ def bench_vllm(tok: Any, qs: list[str], new: int, teacher: Any) -> list[dict[str
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.sft_worker:  # one SFT configuration, in the process benchmarks/gpu_sft.py started
+        gpu_sft.worker(args.sft_worker)
+        return
 
     from rich.console import Console
     from rich.table import Table
@@ -436,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         f"[bold]{result['device']}[/]: copy {limits['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, "
         f"bf16 matmul {limits['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s"
     )
-    model = build_model()
+    model = build_model("meta" if "generate" in args.skip else "cuda")
     params = n_params(model)
     result["params"] = params
     all_qs = questions(max(p for p, _ in args.workloads))
@@ -537,55 +495,25 @@ def main(argv: list[str] | None = None) -> None:
     result["generation"] = gen_rows
     save()
 
+    sft_table = None
     if "sft" not in args.skip:
-        model = build_model()
-        model_dir_sft = Path(tempfile.mkdtemp(prefix="qwen7b-random-"))
-        model.save_pretrained(model_dir_sft)
-        tok.save_pretrained(model_dir_sft)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        configs = [
-            ("original (batch 1, accum 16, no packing)", dict(batch_size=1, grad_accum=16)),
-            ("ours (batch 8, accum 2)", dict(batch_size=8, grad_accum=2)),
-            (
-                "ours (batch 8, accum 2, packing, grad. ckpt)",
-                dict(batch_size=8, grad_accum=2, packing=True, gradient_checkpointing=True),
-            ),
-        ]
-        runs = []
-        for label, overrides in configs:
-            try:
-                runs.append(bench_sft(str(model_dir_sft), label, args.sft_steps, **overrides))
-            except torch.OutOfMemoryError:
-                console.print(f"[red]{label}: out of memory[/]")
-                gc.collect()
-                torch.cuda.empty_cache()
-        peak = limits["bf16_matmul_flops"]
-        st = Table(title="LoRA SFT (r=16, all linear layers), seq ≤ 1024")
-        for col in ("config", "tokens/s", "× original", "MFU (4PT)", "MFU (6PT conv.)", "peak GiB"):
-            st.add_column(col, justify="right")
-        for r in runs:
-            r["ratio_to_original"] = r["tokens_per_s"] / runs[0]["tokens_per_s"]
-            r["mfu_lora_4PT"] = 4 * params * r["tokens_per_s"] / peak
-            r["mfu_6PT"] = 6 * params * r["tokens_per_s"] / peak
-            st.add_row(
-                r["label"],
-                f"{r['tokens_per_s']:.0f}",
-                f"{r['ratio_to_original']:.2f}",
-                f"{100 * r['mfu_lora_4PT']:.1f}%",
-                f"{100 * r['mfu_6PT']:.1f}%",
-                f"{r['peak_mem_GiB']:.1f}",
-            )
+        runs = gpu_sft.run(args, tok, params, limits, out_path.parent)
         result["sft"] = runs
+        result["sft_rows"] = {"kind": args.sft_rows, "max_seq_len": args.sft_seq_len}
         save()
-        console.print(st)
-        shutil.rmtree(model_dir_sft, ignore_errors=True)
+        sft_table = gpu_sft.table(
+            runs,
+            f"LoRA SFT (r 16, all linear layers, bf16), {gpu_sft.ROWS_PER_STEP} rows a step, "
+            f"{args.sft_rows} rows ≤ {args.sft_seq_len} tokens",
+        )
 
     console.print(f"wrote {out_path}")
     for name, ratio in result.get("vllm_backend_vs_plain", {}).items():
         console.print(f"{name}: project's vllm backend / plain vLLM = {ratio:.3f}")
-    console.print(table)
+    if gen_rows:
+        console.print(table)
+    if sft_table is not None:
+        console.print(sft_table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""`benchmarks/gpu_sft.py` end to end on the CPU with the tiny random llama: every configuration
+in its own process, a failing one recorded and the next one run, the table built.
+
+The GPU numbers themselves come from the device run (benchmarks/results/); this checks that the
+one command the integrator runs there cannot stop half-way on a configuration that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks import gpu_sft
+from glyph_core.config import TrainConfig
+
+
+def test_every_sft_configuration_is_a_valid_train_config():
+    for name, (_, overrides) in gpu_sft.SFT_CONFIGS.items():
+        cfg = TrainConfig(**overrides)
+        assert cfg.batch_size * cfg.grad_accum == gpu_sft.ROWS_PER_STEP, name
+
+
+def test_uniform_rows_have_the_asked_length():
+    from transformers import AutoTokenizer
+
+    from glyph_core.models import tiny_model_dir
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    rows = gpu_sft.uniform_rows(tok, 3, 200)
+    for row in rows.to_pylist():
+        text = tok.apply_chat_template(row["messages"], tokenize=False)
+        assert abs(len(tok(text, add_special_tokens=False)["input_ids"]) - 200) <= 8
+
+
+def test_sections_run_in_their_own_processes_and_a_failure_is_recorded(tmp_path):
+    from transformers import AutoTokenizer
+
+    from glyph_core.models import tiny_model_dir
+
+    model = tiny_model_dir("llama")
+    args = argparse.Namespace(
+        sft_configs=["today", "liger", "padding_free"],
+        sft_rows="uniform",
+        data=None,
+        sft_seq_len=64,
+        sft_steps=1,
+        sft_warmup=1,
+        sft_timeout=300,
+        sft_model_dir=str(model),
+        sft_device="cpu",
+    )
+    runs = gpu_sft.run(args, AutoTokenizer.from_pretrained(model), 10**6, {"bf16_matmul_flops": 1e12}, tmp_path)
+    by = {r["name"]: r for r in runs}
+    assert by["today"]["status"] == "ok" and by["padding_free"]["status"] == "ok"
+    assert by["liger"]["status"] == "failed" and "liger_kernel=true needs a CUDA device" in by["liger"]["error"]
+    # the same rows in the same order: the same tokens and losses, padded or not
+    assert by["today"]["tokens"] == by["padding_free"]["tokens"] > 0
+    assert by["today"]["losses"] == pytest.approx(by["padding_free"]["losses"], rel=1e-5)
+    assert by["padding_free"]["speed"]["padding_free"] and not by["today"]["speed"]["padding_free"]
+    assert by["today"]["mfu_lora_4PT"] == pytest.approx(4 * 10**6 * by["today"]["tokens_per_s"] / 1e12)
+    assert gpu_sft.table(runs, "t").row_count == 3
