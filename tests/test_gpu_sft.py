@@ -60,3 +60,22 @@ def test_sections_run_in_their_own_processes_and_a_failure_is_recorded(tmp_path)
     assert by["padding_free"]["speed"]["padding_free"] and not by["today"]["speed"]["padding_free"]
     assert by["today"]["mfu_lora_4PT"] == pytest.approx(4 * 10**6 * by["today"]["tokens_per_s"] / 1e12)
     assert gpu_sft.table(runs, "t").row_count == 3
+
+
+def test_loss_check_runs_end_to_end_on_real_rows(tmp_path, tiny_data_dir):
+    """On a CPU `auto` resolves to today's settings, so the two seed-0 runs must agree exactly:
+    the script's own verdict, files and tokens are what is checked here."""
+    import json
+
+    from benchmarks import sft_loss_check
+    from glyph_core.models import tiny_model_dir
+
+    out = tmp_path / "check"
+    rc = sft_loss_check.main(
+        ["--data", str(tiny_data_dir), "--model", str(tiny_model_dir("llama")), "--steps", "2", "--seq-len", "192", "--out", str(out)]
+    )
+    data = json.loads((out / "loss_check.json").read_text())
+    assert rc == 0 and data["summary"]["same_tokens_every_step"] and data["summary"]["within_noise"]
+    assert data["summary"]["fast_vs_current"]["max_abs_diff"] < 1e-4
+    assert len(data["runs"]["fast"]["loss"]) == 2
+    assert (out / "loss_check.png").stat().st_size > 0 and "| fast |" in (out / "loss_check.md").read_text()
