@@ -9,7 +9,12 @@ of 16 rows each (effective batch 16):
 
 * ``original``: full fine-tuning, batch 1, gradient accumulation 16, padding per batch, no
   packing (the original scripts' configuration);
-* ``ours``: LoRA (rank 16, all linear layers), batch 4 × accumulation 4, with packing.
+* ``ours``: LoRA (rank 16, all linear layers), batch 4 × accumulation 4, every speed setting
+  ``auto`` (on a CPU: today's padded micro-batches of 4; on a GPU: what
+  ``glyph_core.trainer.resolve_speed`` picks, see docs/gpu.md); ``--packing`` packs rows.
+
+The Qwen2.5-7B-shaped GPU comparison of every speed switch is ``benchmarks/gpu.py`` (its SFT
+section, ``benchmarks/gpu_sft.py``).
 
 Speed is non-padding tokens per second and seconds per optimizer step, measured from the
 trainer's own log history (:func:`glyph_core.trainer.metrics_table`); the first step is left out
@@ -95,6 +100,7 @@ def measure(name: str, rows: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
         "batch": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
         "packing": cfg.packing,
+        "speed": None if result.speed is None else result.speed.__dict__,
         "seq_len": cfg.max_seq_len,
         "threads": cfg.num_threads,
         "steps": len(m),
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("--no-packing", dest="packing", action="store_false", help="ours without packing")
+    ap.add_argument("--packing", action="store_true", help="ours with packing (a step holds more rows)")
     ap.add_argument("--rows", type=Path, default=None, help="real SFT rows Parquet instead of synthetic")
     ap.add_argument("--profile", action="store_true", help="run the CPU settings grid instead")
     ap.add_argument("--seed", type=int, default=0)
