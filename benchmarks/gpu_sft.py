@@ -63,6 +63,10 @@ SFT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_LIGER, "micro_batch_size": 16, "gradient_checkpointing": True},
     ),
     "flex": ("micro + flex attention", {**_MICRO, "attn_implementation": "flex_attention"}),
+    "flex_checkpointing": (
+        "checkpointing + flex attention",
+        {**_LIGER, "micro_batch_size": 16, "gradient_checkpointing": True, "attn_implementation": "flex_attention"},
+    ),
     "compile": ("micro + torch.compile", {**_MICRO, "torch_compile": True}),
     "auto": (
         "auto (the new GPU default)",

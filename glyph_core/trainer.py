@@ -269,6 +269,7 @@ class Host:
     cuda: bool
     gpu_bytes: int = 0  # total memory of one GPU
     weight_bytes: int = 0  # the loaded model's parameters
+    params: int = 0
     hidden_size: int = 0
     intermediate_size: int = 0
     num_layers: int = 0
@@ -295,6 +296,10 @@ GPU_MEMORY_FRACTION = 0.90  # of the card for weights, optimizer and activations
 # ~35 small kernels a layer) and weight reads that do not shrink with the batch. It decides when
 # checkpointing (1.5x the FLOPs for LoRA: 6PT against 4PT) buys a micro-batch large enough to pay.
 PASS_OVERHEAD_TOKENS = 512
+# Attention kernels that take a dense mask (sdpa's memory-efficient kernel, eager) compute every
+# block of a padding-free pass of T tokens, masked or not: 3 x 4*T^2*h*L FLOPs (forward and
+# backward), which grows the cost of one long pass; varlen/block-sparse kernels skip them.
+_DENSE_MASK_ATTENTION = (None, "sdpa", "eager")
 
 
 def _layer_bytes_per_token(host: Host, liger: bool, dropout: float) -> float:
@@ -323,8 +328,10 @@ def resolve_speed(cfg: TrainConfig, host: Host) -> Speed:
     On a CPU: today's way (micro-batch = ``batch_size``, padded batches, no checkpointing, no
     Liger, the model's attention). On a GPU: padding-free batches, Liger where installed,
     flash-attn where installed, and the micro-batch (a divisor of the step's rows) and
-    checkpointing that minimise ``factor x (tokens + passes x PASS_OVERHEAD_TOKENS)`` per step
-    among those whose worst case (every row ``max_seq_len`` tokens) fits the card.
+    checkpointing that minimise ``factor x (tokens + passes x per-pass overhead)`` per step
+    among those whose worst case (every row ``max_seq_len`` tokens) fits the card (the overhead:
+    ``PASS_OVERHEAD_TOKENS``, plus masked attention's wasted blocks where the kernel takes a
+    dense mask).
     """
     step_rows = cfg.batch_size * cfg.grad_accum
     gpu = host.cuda
@@ -359,7 +366,11 @@ def resolve_speed(cfg: TrainConfig, host: Host) -> Speed:
         if not fits:
             continue
         m = max(fits)
-        cost = (recompute if ckpt else 1.0) * (step_rows * mean + step_rows / m * PASS_OVERHEAD_TOKENS)
+        per_pass = PASS_OVERHEAD_TOKENS
+        if padding_free and attn in _DENSE_MASK_ATTENTION and host.params:
+            t = m * mean  # the tokens of a typical pass, all attending over one dense mask
+            per_pass += 3 * t * t * host.hidden_size * host.num_layers / host.params
+        cost = (recompute if ckpt else 1.0) * (step_rows * mean + step_rows / m * per_pass)
         if best is None or cost < best[0]:
             best = (cost, m, ckpt, per_token)
     if best is None:  # nothing fits by the estimate: the smallest footprint, and let torch say
@@ -389,6 +400,7 @@ def _host(cfg: TrainConfig, device: str, model: Any, tokenizer: Any, records: li
         cuda=True,
         gpu_bytes=torch.cuda.get_device_properties(torch.device(device)).total_memory,
         weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        params=sum(p.numel() for p in model.parameters()),
         hidden_size=int(text.hidden_size),
         intermediate_size=int(getattr(text, "intermediate_size", 4 * text.hidden_size)),
         num_layers=int(text.num_hidden_layers),

@@ -25,6 +25,7 @@ H100_7B = dict(
     cuda=True,
     gpu_bytes=int(79.19 * 2**30),
     weight_bytes=int(7.616e9 * 2),
+    params=int(7.616e9),
     hidden_size=3584,
     intermediate_size=18944,
     num_layers=28,
