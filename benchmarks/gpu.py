@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
 REPO = Path(__file__).resolve().parents[1]

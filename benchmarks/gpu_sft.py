@@ -53,7 +53,10 @@ _PF = {**_TODAY, "padding_free": True}
 _LIGER = {**_PF, "liger_kernel": True}
 _MICRO = {**_LIGER, "micro_batch_size": "auto"}  # the largest that fits without checkpointing
 SFT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "original": ("original scripts: batch 1, accumulation 16, padded", {**_TODAY, "batch_size": 1, "grad_accum": 16}),
+    "original": (
+        "original scripts: batch 1, accumulation 16, padded",
+        {**_TODAY, "batch_size": 1, "grad_accum": 16},
+    ),
     "today": ("main before: batch 4, accumulation 4, padded", _TODAY),
     "padding_free": ("+ padding-free (position ids, sdpa block mask)", _PF),
     "liger": ("+ Liger RMSNorm/RoPE/SwiGLU", _LIGER),
@@ -65,7 +68,12 @@ SFT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "flex": ("micro + flex attention", {**_MICRO, "attn_implementation": "flex_attention"}),
     "flex_checkpointing": (
         "checkpointing + flex attention",
-        {**_LIGER, "micro_batch_size": 16, "gradient_checkpointing": True, "attn_implementation": "flex_attention"},
+        {
+            **_LIGER,
+            "micro_batch_size": 16,
+            "gradient_checkpointing": True,
+            "attn_implementation": "flex_attention",
+        },
     ),
     "compile": ("micro + torch.compile", {**_MICRO, "torch_compile": True}),
     "auto": (
@@ -93,7 +101,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sft-steps", type=int, default=6, help="timed optimizer steps per configuration")
     ap.add_argument("--sft-warmup", type=int, default=2, help="optimizer steps left out of the rates")
     ap.add_argument("--sft-timeout", type=int, default=300, help="seconds per configuration")
-    ap.add_argument("--sft-model-dir", default=".gpu/qwen7b-random", help="built once, reused while it exists")
+    ap.add_argument(
+        "--sft-model-dir", default=".gpu/qwen7b-random", help="built once, reused while it exists"
+    )
     ap.add_argument("--sft-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sft-device", default="cuda", help=argparse.SUPPRESS)  # cpu: the tests' smoke run
 
@@ -229,7 +239,9 @@ def _run_one(name: str, spec: dict[str, Any], timeout: int, tmp: Path) -> dict[s
     if out_path.exists():
         return json.loads(out_path.read_text())
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-    status = "oom" if any("OutOfMemoryError" in line or "out of memory" in line for line in tail) else "failed"
+    status = (
+        "oom" if any("OutOfMemoryError" in line or "out of memory" in line for line in tail) else "failed"
+    )
     return {"name": name, "status": status, "rc": proc.returncode, "error": "\n".join(tail)}
 
 
@@ -258,7 +270,9 @@ def model_dir(tok: Any, path: str) -> Path:
     return out
 
 
-def run(args: argparse.Namespace, tok: Any, params: int, limits: dict[str, float], out_dir: Path) -> list[dict[str, Any]]:
+def run(
+    args: argparse.Namespace, tok: Any, params: int, limits: dict[str, float], out_dir: Path
+) -> list[dict[str, Any]]:
     """Every configuration of `--sft-configs`, in order; returns their measurements."""
     from benchmarks.gpu import QWEN25_7B
 
@@ -315,11 +329,31 @@ def table(runs: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("config", "micro×accum", "ckpt", "attn", "tok/s", "× orig.", "MFU 4PT", "MFU 6PT", "peak GiB"):
+    for col in (
+        "config",
+        "micro×accum",
+        "ckpt",
+        "attn",
+        "tok/s",
+        "× orig.",
+        "MFU 4PT",
+        "MFU 6PT",
+        "peak GiB",
+    ):
         t.add_column(col, justify="left" if col == "config" else "right")
     for r in runs:
         if r.get("status") != "ok":
-            t.add_row(r["label"], "", "", "", r.get("status", "?").upper(), "", "", "", f"{r.get('peak_mem_GiB', 0):.1f}")
+            t.add_row(
+                r["label"],
+                "",
+                "",
+                "",
+                r.get("status", "?").upper(),
+                "",
+                "",
+                "",
+                f"{r.get('peak_mem_GiB', 0):.1f}",
+            )
             continue
         s = r["speed"]
         t.add_row(

@@ -78,11 +78,15 @@ def workload(data_dir: str, tokenizer: Any, teacher_factor: float, keep_rate: fl
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     traces = study.traces.to_pylist()
-    trace_tokens = [min(MAX_NEW_TOKENS, round(n * teacher_factor)) for n in count([t["completion"] for t in traces])]
+    trace_tokens = [
+        min(MAX_NEW_TOKENS, round(n * teacher_factor)) for n in count([t["completion"] for t in traces])
+    ]
     problems = study.problems.to_pylist()
     questions = {p["id"]: p["question"] for p in problems}
     prompts = [
-        tokenizer.apply_chat_template(glyph_messages(questions[t["id"]]), tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            glyph_messages(questions[t["id"]]), tokenize=False, add_generation_prompt=True
+        )
         for t in traces
     ]
     prompt_tokens = count(prompts)
@@ -150,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("GLYPH_DATA_DIR"), help="data folder (GLYPH_DATA_DIR)")
     ap.add_argument("--rates", type=Path, default=Path(__file__).with_name("projection_rates.json"))
-    ap.add_argument("--from-gpu-json", type=Path, action="append", default=[], help="a benchmarks/gpu.py JSON")
+    ap.add_argument(
+        "--from-gpu-json", type=Path, action="append", default=[], help="a benchmarks/gpu.py JSON"
+    )
     ap.add_argument("--tokenizer", default="smollm2-135m", help="alias or directory of a chat tokenizer")
     ap.add_argument("--teacher-length-factor", type=float, default=1.0)
     ap.add_argument("--keep-rate", type=float, default=1.0, help="share of a model teacher's samples kept")
@@ -175,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     w = workload(args.data, tok, args.teacher_length_factor, args.keep_rate)
     stages = project(w, rates)
     total_h = sum(s["seconds"] for s in stages) / 3600
-    result = {"workload": w, "rates": rates, "stages": stages, "total_hours": total_h, "original_hours": ORIGINAL_HOURS}
+    result = {
+        "workload": w,
+        "rates": rates,
+        "stages": stages,
+        "total_hours": total_h,
+        "original_hours": ORIGINAL_HOURS,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, seed, speed in (("current", 0, CURRENT), ("fast", 0, FAST), ("current, seed 1", 1, CURRENT)):
         runs[name] = train(study.sft, args, seed, speed)
         r = runs[name]
-        print(f"{name}: {r['tokens_per_s']:.0f} tok/s, last loss {r['loss'][-1]:.4f}, {r['speed']}", flush=True)
+        print(
+            f"{name}: {r['tokens_per_s']:.0f} tok/s, last loss {r['loss'][-1]:.4f}, {r['speed']}", flush=True
+        )
 
     cur, fast, noise = runs["current"], runs["fast"], runs["current, seed 1"]
     tail = max(1, len(cur["loss"]) // 6)
@@ -143,11 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         and summary["fast_vs_current"]["mean_abs_diff"] < summary["seed1_vs_current"]["mean_abs_diff"]
     )
     (args.out / "loss_check.json").write_text(
-        json.dumps({"rows": study.sft.num_rows, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}, indent=2)
+        json.dumps(
+            {
+                "rows": study.sft.num_rows,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "summary": summary,
+                "runs": runs,
+            },
+            indent=2,
+        )
     )
     plot(runs, args.out / "loss_check.png")
     lines = [
-        "| run | tokens/s | mean loss, last %d steps | mean abs. step-loss diff. to current | max |" % tail,
+        f"| run | tokens/s | mean loss, last {tail} steps | mean abs. step-loss diff. to current | max |",
         "|---|---:|---:|---:|---:|",
         f"| current | {cur['tokens_per_s']:.0f} | {summary['mean_loss_last_steps']['current']:.4f} | – | – |",
     ]

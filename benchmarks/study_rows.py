@@ -45,6 +45,12 @@ def study_rows(
     gen_cfg = GenerateConfig(teacher=TeacherConfig(backend="reference", model="reference", n=1))
     todo: list[dict[str, Any]] = select_problems(problems, gen_cfg)
     traces = generate_shard(ReferenceTeacher(), todo, gen_cfg)
-    kept = filter_traces(traces, problems, FilterConfig(max_completion_tokens=10**6, workers=filter_workers)).kept
-    result = rewrite(kept, problems, RewriteConfig(glyph_min_bucket=glyph_min_bucket, natural_ratio=natural_ratio))  # type: ignore[arg-type]
-    return StudyRows(problems=problems, traces=traces, kept=kept, sft=result.table, rewrite_stats=result.stats)
+    kept = filter_traces(
+        traces, problems, FilterConfig(max_completion_tokens=10**6, workers=filter_workers)
+    ).kept
+    result = rewrite(
+        kept, problems, RewriteConfig(glyph_min_bucket=glyph_min_bucket, natural_ratio=natural_ratio)
+    )  # type: ignore[arg-type]
+    return StudyRows(
+        problems=problems, traces=traces, kept=kept, sft=result.table, rewrite_stats=result.stats
+    )

@@ -357,7 +357,9 @@ def resolve_speed(cfg: TrainConfig, host: Host) -> Speed:
     dropout = cfg.lora.dropout if cfg.method == "lora" else 0.0
     recompute = 1.5 if cfg.method == "lora" else 4 / 3  # LoRA: 6PT / 4PT; full: 8PT / 6PT
     mean = cfg.max_seq_len if cfg.packing else min(host.mean_row_tokens or cfg.max_seq_len, cfg.max_seq_len)
-    micros = _divisors(step_rows) if cfg.micro_batch_size == "auto" else [cfg.micro_batch_size or cfg.batch_size]
+    micros = (
+        _divisors(step_rows) if cfg.micro_batch_size == "auto" else [cfg.micro_batch_size or cfg.batch_size]
+    )
     ckpts = [False, True] if cfg.gradient_checkpointing == "auto" else [bool(cfg.gradient_checkpointing)]
     best: tuple[float, int, bool, float] | None = None
     for ckpt in ckpts:
@@ -366,7 +368,7 @@ def resolve_speed(cfg: TrainConfig, host: Host) -> Speed:
         if not fits:
             continue
         m = max(fits)
-        per_pass = PASS_OVERHEAD_TOKENS
+        per_pass = float(PASS_OVERHEAD_TOKENS)
         if padding_free and attn in _DENSE_MASK_ATTENTION and host.params:
             t = m * mean  # the tokens of a typical pass, all attending over one dense mask
             per_pass += 3 * t * t * host.hidden_size * host.num_layers / host.params
@@ -395,7 +397,9 @@ def _host(cfg: TrainConfig, device: str, model: Any, tokenizer: Any, records: li
     text = model.config.get_text_config()
     sample = records[:: max(1, len(records) // 512)]  # the mean row length from up to ~512 rows
     texts = [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in sample]
-    lengths = [min(len(ids), cfg.max_seq_len) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    lengths = [
+        min(len(ids), cfg.max_seq_len) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
     return Host(
         cuda=True,
         gpu_bytes=torch.cuda.get_device_properties(torch.device(device)).total_memory,
@@ -418,7 +422,9 @@ def _check_speed_settings(cfg: TrainConfig, device: str) -> None:
         if not device.startswith("cuda"):
             raise GlyphError(f"train.liger_kernel=true needs a CUDA device (Triton kernels), got {device!r}")
         if importlib.util.find_spec("liger_kernel") is None:
-            raise GlyphError("train.liger_kernel=true but liger-kernel is not installed (pip install liger-kernel)")
+            raise GlyphError(
+                "train.liger_kernel=true but liger-kernel is not installed (pip install liger-kernel)"
+            )
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise GlyphError("train.attn_implementation=flash_attention_2 but flash-attn is not installed")
 

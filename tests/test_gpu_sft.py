@@ -50,10 +50,14 @@ def test_sections_run_in_their_own_processes_and_a_failure_is_recorded(tmp_path)
         sft_model_dir=str(model),
         sft_device="cpu",
     )
-    runs = gpu_sft.run(args, AutoTokenizer.from_pretrained(model), 10**6, {"bf16_matmul_flops": 1e12}, tmp_path)
+    runs = gpu_sft.run(
+        args, AutoTokenizer.from_pretrained(model), 10**6, {"bf16_matmul_flops": 1e12}, tmp_path
+    )
     by = {r["name"]: r for r in runs}
     assert by["today"]["status"] == "ok" and by["padding_free"]["status"] == "ok"
-    assert by["liger"]["status"] == "failed" and "liger_kernel=true needs a CUDA device" in by["liger"]["error"]
+    assert (
+        by["liger"]["status"] == "failed" and "liger_kernel=true needs a CUDA device" in by["liger"]["error"]
+    )
     # the same rows in the same order: the same tokens and losses, padded or not
     assert by["today"]["tokens"] == by["padding_free"]["tokens"] > 0
     assert by["today"]["losses"] == pytest.approx(by["padding_free"]["losses"], rel=1e-5)
@@ -72,7 +76,18 @@ def test_loss_check_runs_end_to_end_on_real_rows(tmp_path, tiny_data_dir):
 
     out = tmp_path / "check"
     rc = sft_loss_check.main(
-        ["--data", str(tiny_data_dir), "--model", str(tiny_model_dir("llama")), "--steps", "2", "--seq-len", "192", "--out", str(out)]
+        [
+            "--data",
+            str(tiny_data_dir),
+            "--model",
+            str(tiny_model_dir("llama")),
+            "--steps",
+            "2",
+            "--seq-len",
+            "192",
+            "--out",
+            str(out),
+        ]
     )
     data = json.loads((out / "loss_check.json").read_text())
     assert rc == 0 and data["summary"]["same_tokens_every_step"] and data["summary"]["within_noise"]
