@@ -319,17 +319,24 @@ def run(
             print(f"{name}: {r.get('status')} {r.get('error', '')[-300:]}", flush=True)
         runs.append(r)
     base = next((r for r in runs if r["name"] == "original" and r.get("status") == "ok"), None)
+    today = next((r for r in runs if r["name"] == "today" and r.get("status") == "ok"), None)
     for r in runs:
-        if base and r.get("status") == "ok":
+        if r.get("status") != "ok":
+            continue
+        if base:
             r["ratio_to_original"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if today and r["name"] != "packing":
+            # the same rows in every step: the losses differ by rounding only (a switch that let
+            # rows attend to each other, or counted other tokens, would show here)
+            diffs = [abs(a - b) for a, b in zip(r["losses"], today["losses"], strict=False)]
+            r["max_loss_diff_to_today"] = max(diffs)
     return runs
 
 
 def table(runs: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
-    t = Table(title=title)
-    for col in (
+    cols = (
         "config",
         "micro×accum",
         "ckpt",
@@ -339,21 +346,17 @@ def table(runs: list[dict[str, Any]], title: str) -> Any:
         "MFU 4PT",
         "MFU 6PT",
         "peak GiB",
-    ):
+        "Δloss",
+    )
+    t = Table(title=title)
+    for col in cols:
         t.add_column(col, justify="left" if col == "config" else "right")
     for r in runs:
         if r.get("status") != "ok":
-            t.add_row(
-                r["label"],
-                "",
-                "",
-                "",
-                r.get("status", "?").upper(),
-                "",
-                "",
-                "",
-                f"{r.get('peak_mem_GiB', 0):.1f}",
-            )
+            cells = [""] * len(cols)
+            cells[0], cells[4] = r["label"], r.get("status", "?").upper()
+            cells[8] = f"{r.get('peak_mem_GiB', 0):.1f}"
+            t.add_row(*cells)
             continue
         s = r["speed"]
         t.add_row(
@@ -366,5 +369,6 @@ def table(runs: list[dict[str, Any]], title: str) -> Any:
             f"{100 * r['mfu_lora_4PT']:.1f}%",
             f"{100 * r['mfu_6PT']:.1f}%",
             f"{r['peak_mem_GiB']:.1f}",
+            f"{r['max_loss_diff_to_today']:.1e}" if "max_loss_diff_to_today" in r else "–",
         )
     return t

@@ -63,6 +63,7 @@ def test_sections_run_in_their_own_processes_and_a_failure_is_recorded(tmp_path)
     assert by["today"]["losses"] == pytest.approx(by["padding_free"]["losses"], rel=1e-5)
     assert by["padding_free"]["speed"]["padding_free"] and not by["today"]["speed"]["padding_free"]
     assert by["today"]["mfu_lora_4PT"] == pytest.approx(4 * 10**6 * by["today"]["tokens_per_s"] / 1e12)
+    assert by["padding_free"]["max_loss_diff_to_today"] < 1e-4
     assert gpu_sft.table(runs, "t").row_count == 3
 
 
