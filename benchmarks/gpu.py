@@ -11,8 +11,10 @@ One run on one GPU measures, side by side:
     included) in the same engine as plain vLLM; tokens/s, the ratio to the original, and the
     fraction of the compute bound (2·P FLOPs a token) and of the bandwidth bound (every decode
     step reads the weights and the KV cache once);
-  * LoRA SFT through `glyph_core.trainer.train_sft` (TRL + PEFT) with our configuration, against
-    the original scripts' configuration (batch 1, gradient accumulation 16, no packing);
+  * LoRA SFT through `glyph_core.trainer.train_sft` (TRL + PEFT): the original scripts'
+    configuration (batch 1, gradient accumulation 16, padded), main's before issue 18, and each
+    speed switch added on its own, every configuration in its own process
+    (`benchmarks/gpu_sft.py`, which documents the rows and the MFU convention);
   * peak GPU memory of each.
 
 The model has Qwen2.5-7B-Instruct's exact architecture (config below, from its config.json) and
@@ -29,6 +31,8 @@ need no weight gradients, so the backward costs 2PT: we count 4·P·T (adapter t
 Attention's sequence-quadratic FLOPs are left out of both, as in the usual MFU convention.
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu.py --tokenizer DIR --out "$OUT/gpu.json" --skip sft
+    PYTHONUNBUFFERED=1 python benchmarks/gpu.py --tokenizer DIR --out "$OUT/sft.json" --skip generate vllm \
+        --data DATA --sft-configs original today padding_free   # (benchmarks/gpu_sft_run.sh: the parts)
 
 The vLLM rows need vLLM (`--skip vllm` or no vLLM installed: the rest still runs).
 """
