@@ -52,7 +52,7 @@ from glyph_core.teachers import make_teacher
 
 log = logging.getLogger(__name__)
 
-# 2: new scoring (issue 13), truncation, strata, within-source selectivity, original columns.
+# 2: new scoring (docs/evaluation.md), truncation, strata, within-source selectivity, original columns.
 VERSION = "2"
 
 COMPLETION_SCHEMA = pa.schema(

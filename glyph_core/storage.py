@@ -1,4 +1,4 @@
-"""Content-addressed artifacts on any fsspec filesystem (DESIGN §2, §4, §7).
+"""Content-addressed artifacts on any fsspec filesystem (docs/design.md, "Storage" and "The cache key").
 
 Stages pass only small references between each other. A `DatasetRef` names a Parquet file by
 URI *and* by the sha256 of its bytes, so caches key on content, never on paths: the same bytes
