@@ -225,8 +225,10 @@ def test_deployed_fan_out_dispatches_k_children_and_survives_a_lost_one(
     calls: list[dict] = []
     lost: set[str] = set()
 
-    def fake_run_deployment(name, parameters, timeout, tags, job_variables=None, flow_run_name=None):
-        calls.append({"name": name, "parameters": parameters, "tags": tags, "job_variables": job_variables})
+    def fake_create_run(deployment_id, *, parameters, tags, job_variables=None, **_):
+        calls.append(
+            {"name": deployment_id, "parameters": parameters, "tags": tags, "job_variables": job_variables}
+        )
         run_id = str(uuid.uuid4())
         worker, workers = parameters["group"]
         if worker == 1:
@@ -249,8 +251,11 @@ def test_deployed_fan_out_dispatches_k_children_and_survives_a_lost_one(
         if run_id in lost:
             raise children.StageRunFailed(f"{run_id} ended Failed")
 
-    monkeypatch.setattr(children, "run_deployment", fake_run_deployment)
-    monkeypatch.setattr(children, "get_client", lambda **_: contextlib.nullcontext(None))
+    client = types.SimpleNamespace(
+        read_deployment_by_name=lambda name: types.SimpleNamespace(id=name),
+        create_flow_run_from_deployment=fake_create_run,
+    )
+    monkeypatch.setattr(children, "get_client", lambda **_: contextlib.nullcontext(client))
     monkeypatch.setattr(children, "existing_child", lambda client, tag: None)
     monkeypatch.setattr(dispatch, "wait_for_child", fake_wait)
     final_calls: list[GenerateConfig] = []
