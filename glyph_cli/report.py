@@ -22,6 +22,7 @@ from glyph_cli.run_summary import (
     report_markdown,
 )
 from glyph_core.errors import GlyphError
+from glyph_core.reports import summary_uri
 from glyph_core.storage import StorageError
 
 
@@ -52,7 +53,7 @@ def report_cmd(
     out: Path | None = typer.Option(
         None,
         "--out",
-        help="Markdown file to write (default report.md beside the summary; ./report.md for S3)",
+        help="Markdown file to write (default report.md beside the run's summary; ./report.md for S3)",
     ),
 ) -> None:
     """Print a run's tables again and write a short Markdown report with the plot."""
@@ -62,8 +63,10 @@ def report_cmd(
         fail(exc)
     print_summary(summary)
     print_evaluation(summary)
-    if out is None:
-        out = Path(uri).with_name("report.md") if "://" not in uri else Path("report.md")
+    if out is None:  # beside the run's own summary, or here for an object store
+        run_id = (summary.get("flow_run") or {}).get("id")
+        own = summary_uri(open_store(summary["store"]), run_id) if run_id else uri
+        out = Path(own).with_name("report.md") if "://" not in own else Path("report.md")
     path = write_report(summary, out)
     typer.echo(f"report: {path}")
 

@@ -8,8 +8,9 @@ things Prefect's commands leave to the caller must be right:
   `PREFECT_HOME` (another database). A server is used only if its own settings
   (`GET /api/admin/settings`) name this home; otherwise another port is taken.
 - **found however it was started**: `prefect server start` in a terminal, `--background`, or
-  `glyph run`: the candidates are `PREFECT_API_URL`, the address on the command line of the
-  process in Prefect's pid file (`$PREFECT_HOME/server.pid`), and the default address.
+  `glyph run`: the candidates are `PREFECT_API_URL`, the addresses on the command lines of the
+  Prefect server processes running here (Linux `/proc`; the pid file `$PREFECT_HOME/server.pid`
+  names the background one), and the default address.
 - **the UI's API address and a clean environment**: the server is started with
   `prefect server start --background` in its own session (a Ctrl-C in the terminal does not
   reach it), with `PREFECT_UI_API_URL` set for the port in use (else the UI of a server on
@@ -122,18 +123,42 @@ def background_pid(home: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
+def _cmdline(pid: int | str) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return []
+
+
+def _option(args: list[str], name: str, default: str) -> str:
+    return args[args.index(name) + 1] if name in args[:-1] else default
+
+
 def background_address(pid: int) -> tuple[str, int] | None:
     """`--host`/`--port` of a background server's command line (uvicorn's; Linux `/proc`)."""
+    args = _cmdline(pid)
     try:
-        args = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-    except OSError:
+        return (_option(args, "--host", DEFAULT_HOST), int(args[args.index("--port") + 1])) if args else None
+    except (ValueError, IndexError):
         return None
-    if "--port" not in args or "--host" not in args:
-        return None
-    try:
-        return args[args.index("--host") + 1], int(args[args.index("--port") + 1])
-    except (IndexError, ValueError):
-        return None
+
+
+def running_addresses() -> list[tuple[str, int]]:
+    """The addresses on the command lines of the Prefect servers running here: `prefect server
+    start [--host H] [--port P]` (in a terminal) and the uvicorn of `--background` (Linux `/proc`;
+    elsewhere none)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        args = _cmdline(proc.name)
+        text = " ".join(args)
+        if "prefect.server.api.server:create_app" in text or ("prefect" in text and "server start" in text):
+            try:
+                found.append(
+                    (_option(args, "--host", DEFAULT_HOST), int(_option(args, "--port", str(DEFAULT_PORT))))
+                )
+            except ValueError:
+                continue
+    return found
 
 
 def candidates(host: str, port: int) -> list[str]:
@@ -147,6 +172,7 @@ def candidates(host: str, port: int) -> list[str]:
     if address is not None:
         found.append(api_url_for(*address))
     found.append(api_url_for(host, port))
+    found += [api_url_for("127.0.0.1" if h in ("0.0.0.0", "::") else h, p) for h, p in running_addresses()]
     return list(dict.fromkeys(found))
 
 
