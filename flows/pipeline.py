@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from glyph_core.outputs import Ref, StageOutput, verify_output
 from glyph_core.profiles import PROFILES, PipelineConfig, default_store_root, load_profile
@@ -55,9 +55,19 @@ else:
     ProfileName = Literal[PROFILES]
     StageChoice = Literal[(*names(), "all")]
 
+
+def _none_as(empty: Any) -> BeforeValidator:
+    """`None` (what a Python caller passes for "not given") accepted as the empty value, so the
+    parameter is typed without `| None`: the UI then offers the input itself, not a type switch."""
+    return BeforeValidator(lambda value: empty() if value is None else value)
+
+
+StoreRoot = Annotated[str, _none_as(str)]
+Refresh = Annotated[list[StageChoice], _none_as(list)]
 Overrides = Annotated[
-    dict[str, Any] | None, Field(examples=[{"train.max_steps": 3, "evaluate.per_stratum": 2}])
+    dict[str, Any], _none_as(dict), Field(examples=[{"train.max_steps": 3, "evaluate.per_stratum": 2}])
 ]
+Sources = Annotated[list[str], _none_as(list)]
 
 
 def settings(
@@ -155,18 +165,18 @@ def _flow_run_info() -> dict[str, Any]:
 @flow(name="glyph-pipeline")
 def pipeline(
     profile: ProfileName = DEFAULT_PROFILE,
-    store: str | None = None,
-    refresh: list[StageChoice] | None = None,
-    overrides: Overrides = None,
-    changed_sources: list[str] | None = None,
+    store: StoreRoot = "",
+    refresh: Refresh = [],  # noqa: B006 -- Prefect validates (and copies) parameters per call
+    overrides: Overrides = {},  # noqa: B006
+    changed_sources: Sources = [],  # noqa: B006
 ) -> dict[str, Any]:
     """Run every stage; returns refs, cached-or-not and seconds per stage.
 
     Args:
         profile: `demo` (SmolLM2-135M on the real data, minutes on a CPU), `tiny` (a random
             model, seconds: the tests'), or `full` (Hub data, Qwen2.5-7B, vLLM on GPUs).
-        store: a local directory or `s3://bucket/prefix`; default `$GLYPH_STORE` or `.glyph/store`
-            in the worker's directory.
+        store: a local directory or `s3://bucket/prefix`; empty: `$GLYPH_STORE`, else
+            `.glyph/store` in the worker's directory.
         refresh: stages to recompute, with every later stage; `all` for everything.
         overrides: settings on top of the profile, as `glyph run --set` takes them, e.g.
             `{"train.max_steps": 3, "generate.teacher.temperature": 0.2}`: `<stage>.<field>`

@@ -121,10 +121,15 @@ def test_flow_parameters_are_typed_for_the_form() -> None:
 
     props = parameter_schema(pipeline.fn).model_dump()["properties"]
     assert props["profile"]["enum"] == list(PROFILES) and props["profile"]["default"] == DEFAULT_PROFILE
-    (array, _null) = props["refresh"]["anyOf"]
-    assert array["type"] == "array" and array["items"]["enum"] == [*names(), "all"]
-    assert props["overrides"]["examples"] and "glyph run --set" in props["overrides"]["description"]
-    assert "changed_sources" in props
+    # No `| None` anywhere: the form offers the input itself (a multi-select, a JSON editor).
+    assert props["refresh"]["type"] == "array" and props["refresh"]["items"]["enum"] == [*names(), "all"]
+    assert props["overrides"]["type"] == "object" and props["overrides"]["examples"]
+    assert "glyph run --set" in props["overrides"]["description"]
+    assert props["store"]["type"] == "string" and props["changed_sources"]["type"] == "array"
+    assert not any("anyOf" in p for p in props.values())
+    # A Python caller's None still means "not given" (Prefect validates every call's parameters).
+    given = pipeline.validate_parameters({"store": None, "refresh": None, "overrides": None})
+    assert (given["store"], given["refresh"], given["overrides"]) == ("", [], {})
     # One default: the deployment sets none, so Run in the UI starts from the flow's.
     (deployment,) = [
         d
