@@ -179,11 +179,13 @@ def loss_curve_png(rows: list[dict[str, Any]]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(steps, [r["loss"] for r in rows], marker="o", markersize=3, label="loss")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
     lr = [r.get("learning_rate") for r in rows]

@@ -9,6 +9,7 @@ predicate, never a fixed sleep.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import socket
@@ -115,10 +116,8 @@ class Browser:
         return path
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, RuntimeError, urllib.error.URLError):
             self._session("DELETE", "")
-        except (OSError, RuntimeError, urllib.error.URLError):
-            pass
         self.proc.terminate()
         try:
             self.proc.wait(15)
