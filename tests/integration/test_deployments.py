@@ -390,11 +390,13 @@ def _browser(api: Stack) -> Browser:
 
 def _green_pixels(png: Path, box: dict[str, float]) -> int:
     """Pixels of the Completed state's green inside `box` (CSS pixels) of a screenshot."""
+    import numpy as np
     from PIL import Image
 
     img = Image.open(png).convert("RGB")
     crop = img.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["w"]), int(box["y"] + box["h"])))
-    return sum(1 for r, g, b in crop.getdata() if g > 140 and g > r + 60 and g > b + 40)
+    r, g, b = (np.asarray(crop).astype(int)[..., i] for i in range(3))
+    return int(((g > 140) & (g > r + 60) & (g > b + 40)).sum())
 
 
 def test_ui_shows_evaluation_graph_progress_and_form(api: Stack, tiny_run: dict[str, Any]) -> None:
@@ -448,14 +450,15 @@ def test_ui_shows_evaluation_graph_progress_and_form(api: Stack, tiny_run: dict[
         with client() as c:
             deployment = c.read_deployment_by_name(PIPELINE)
         b.open(f"{ui}/deployments/deployment/{deployment.id}/run")
-        text = b.wait(
-            "const t = document.body.innerText; return t.includes('0 selected') ? t : null",
+        options = b.wait(
+            "const o = Array.from(document.querySelectorAll('select option')).map(o => o.value);"
+            "return o.includes('evaluate') ? o : null",
             120,
             "the run form",
         )
+        assert {"tiny", "demo", "full"} <= set(options) and {"unify", "train", "all"} <= set(options), options
+        text = b.script("return document.body.innerText")
         assert "profile (Optional)" in text and "refresh (Optional)" in text
-        options = b.script("return Array.from(document.querySelectorAll('select option')).map(o => o.value)")
-        assert {"tiny", "demo", "full"} <= set(options), options
         b.screenshot(SHOTS / "ui-run-form.png")
 
         b.open(f"{ui}/deployments")
