@@ -120,6 +120,23 @@ def graph_parents(flow_run_id: Any) -> dict[str, set[str]]:
     return {label[i]: {label[p["id"]] for p in n["parents"]} for i, n in nodes.items() if label[i] in STAGES}
 
 
+def logged(flow_run_id: Any, phrase: str) -> list[str]:
+    """The run's log lines containing `phrase`, waited for (logs reach the API in batches)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
+
+    def lines() -> list[str]:
+        with client() as c:
+            logs = c.read_logs(
+                log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+                    text=LogFilterTextSearch(query=f'"{phrase}"'),
+                )
+            )
+        return [log.message for log in logs if phrase in log.message]
+
+    return wait_until(lines, 60, f"log lines with {phrase!r}")
+
+
 def link_parent(child: Any) -> Any:
     """The task run a GPU child hangs under in its parent's graph (through its link task)."""
     with client() as c:
@@ -220,12 +237,7 @@ def test_gpu_stages_ran_as_their_own_runs_on_the_gpu_pool(api: Stack, tiny_run: 
     train_arts = artifacts(kids["train"][0].id)
     assert {"glyph-train", "glyph-train-metrics", "glyph-train-progress"} <= set(train_arts)
     assert train_arts["glyph-train-progress"].data == 100.0
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with client() as c:
-        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[kids["train"][0].id])))
-    lines = [log.message for log in logs]
-    assert any(m.startswith("step 2/2 loss ") for m in lines), lines  # the trainer's own line
+    assert logged(kids["train"][0].id, "step 2/2 loss ")  # the trainer's own line
 
 
 def test_ui_retry_reruns_only_the_failed_gpu_stage(api: Stack) -> None:
@@ -289,12 +301,7 @@ def test_changed_dataset_triggers_a_pipeline_run(api: Stack, tiny_run: dict[str,
     """Watcher runs: first (records, no event), unchanged (no event), changed file (event, and
     the deployment trigger starts a pipeline run, which completes)."""
     from prefect.client.schemas.actions import DeploymentUpdate
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterDeploymentId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
     from prefect.types._datetime import now
 
     variable = f"glyph_it_{uuid.uuid4().hex[:8]}"
@@ -343,9 +350,7 @@ def test_changed_dataset_triggers_a_pipeline_run(api: Stack, tiny_run: dict[str,
     assert run.state.is_completed(), describe(run)
     assert run.parameters["changed_sources"] == ["gsm8k"], run.parameters  # from the event
     assert run.parameters["profile"] == "tiny" and run.parameters["store"] == str(tiny_run["store"])
-    with client() as c:
-        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-    assert "started because these sources changed: gsm8k" in [log.message for log in logs]
+    assert logged(run.id, "started because these sources changed: gsm8k")
     assert "Started because these sources changed: gsm8k" in artifacts(run.id)["glyph-pipeline-summary"].data
     print(f"\ntriggered pipeline run {run.name}: {run.state.name}")
 
