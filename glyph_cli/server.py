@@ -8,9 +8,8 @@ things Prefect's commands leave to the caller must be right:
   `PREFECT_HOME` (another database). A server is used only if its own settings
   (`GET /api/admin/settings`) name this home; otherwise another port is taken.
 - **found however it was started**: `prefect server start` in a terminal, `--background`, or
-  `glyph run`: the candidates are `PREFECT_API_URL`, the addresses on the command lines of the
-  Prefect server processes running here (Linux `/proc`; the pid file `$PREFECT_HOME/server.pid`
-  names the background one), and the default address.
+  `glyph run`: the candidates are `PREFECT_API_URL`, the default address, and the addresses on
+  the command lines of the Prefect servers running here (Linux `/proc`).
 - **the UI's API address and a clean environment**: the server is started with
   `prefect server start --background` in its own session (a Ctrl-C in the terminal does not
   reach it), with `PREFECT_UI_API_URL` set for the port in use (else the UI of a server on
@@ -65,7 +64,7 @@ class ServerInfo:
 
     @property
     def ui_url(self) -> str:
-        return self.api_url.rstrip("/").removesuffix("/api")
+        return self.api_url.removesuffix("/api")
 
 
 def prefect_home() -> Path:
@@ -102,13 +101,12 @@ def server_home(api_url: str) -> Path | None:
     return Path(str(home)).expanduser().resolve() if home else None
 
 
-def port_in_use(host: str, port: int) -> bool:
+def free_port(host: str, port: int) -> int:
+    """`port` if nothing listens there, else one the system picks."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def free_port(host: str) -> int:
+        if sock.connect_ex((host, port)) != 0:
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -123,63 +121,34 @@ def background_pid(home: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def _cmdline(pid: int | str) -> list[str]:
-    try:
-        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-    except OSError:
-        return []
-
-
-def _option(args: list[str], name: str, default: str) -> str:
-    return args[args.index(name) + 1] if name in args[:-1] else default
-
-
-def background_address(pid: int) -> tuple[str, int] | None:
-    """`--host`/`--port` of a background server's command line (uvicorn's; Linux `/proc`)."""
-    args = _cmdline(pid)
-    try:
-        return (_option(args, "--host", DEFAULT_HOST), int(args[args.index("--port") + 1])) if args else None
-    except (ValueError, IndexError):
-        return None
-
-
-def running_addresses() -> list[tuple[str, int]]:
-    """The addresses on the command lines of the Prefect servers running here: `prefect server
-    start [--host H] [--port P]` (in a terminal) and the uvicorn of `--background` (Linux `/proc`;
-    elsewhere none)."""
+def running_addresses() -> list[str]:
+    """API addresses on the command lines of the Prefect servers running here: `prefect server
+    start [--host H] [--port P]` and the uvicorn of `--background` (Linux `/proc`; else none)."""
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        args = _cmdline(proc.name)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = [a.decode(errors="replace") for a in cmdline.read_bytes().split(b"\0")]
+        except OSError:
+            continue
         text = " ".join(args)
         if "prefect.server.api.server:create_app" in text or ("prefect" in text and "server start" in text):
-            try:
+            get = {k: v for k, v in zip(args, args[1:], strict=False) if k in ("--host", "--port")}
+            host = get.get("--host", DEFAULT_HOST)
+            if get.get("--port", str(DEFAULT_PORT)).isdigit():
                 found.append(
-                    (_option(args, "--host", DEFAULT_HOST), int(_option(args, "--port", str(DEFAULT_PORT))))
+                    api_url_for(
+                        "127.0.0.1" if host in ("0.0.0.0", "::") else host,
+                        int(get.get("--port", DEFAULT_PORT)),
+                    )
                 )
-            except ValueError:
-                continue
     return found
-
-
-def candidates(host: str, port: int) -> list[str]:
-    """API addresses where this home's server may answer, most specific first."""
-    found = []
-    configured = os.environ.get("PREFECT_API_URL")
-    if configured:
-        found.append(configured)
-    pid = background_pid(prefect_home())
-    address = background_address(pid) if pid is not None else None
-    if address is not None:
-        found.append(api_url_for(*address))
-    found.append(api_url_for(host, port))
-    found += [api_url_for("127.0.0.1" if h in ("0.0.0.0", "::") else h, p) for h, p in running_addresses()]
-    return list(dict.fromkeys(found))
 
 
 def find_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str | None:
     """The API URL of a running server of this `PREFECT_HOME`, however it was started."""
     home = prefect_home()
-    for url in candidates(host, port):
+    configured = [os.environ["PREFECT_API_URL"]] if os.environ.get("PREFECT_API_URL") else []
+    for url in dict.fromkeys([*configured, api_url_for(host, port), *running_addresses()]):
         if healthy(url) and server_home(url) == home:
             return url
     return None
@@ -191,8 +160,9 @@ def server_env(home: Path, host: str, port: int) -> dict[str, str]:
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env["DO_NOT_TRACK"] = "1"
     env["PREFECT_HOME"] = str(home)
-    ui_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    env.setdefault("PREFECT_UI_API_URL", api_url_for(ui_host, port))
+    env.setdefault(
+        "PREFECT_UI_API_URL", api_url_for("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
+    )
     return env
 
 
@@ -208,97 +178,79 @@ def _locked(home: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def wait_for(url: str, home: Path, timeout_s: float) -> bool:
-    """Until the server at `url` answers as this home's, or its background process is gone."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if healthy(url) and server_home(url) == home:
-            return True
-        if background_pid(home) is None:
-            return False
+def wait_for_server(home: Path, timeout_s: float) -> str | None:
+    """This home's server once it answers; None when its background process is gone or time is up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and background_pid(home) is not None:
+        if url := find_server():
+            return url
         time.sleep(0.5)
-    return False
-
-
-def start_server(host: str, port: int, timeout_s: float, echo: bool) -> ServerInfo:
-    """`prefect server start --background` for this home on `port`, or a free port if it is taken."""
-    home = prefect_home()
-    if port_in_use(host, port):
-        taken, port = port, free_port(host)
-        if echo:
-            typer.echo(f"Port {taken} is taken by another server or program; using port {port}.")
-    pid_file = home / PID_FILE
-    if pid_file.exists() and background_pid(home) is None:
-        pid_file.unlink()  # the pid of a server that died: Prefect would refuse to start
-    url = api_url_for(host, port)
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect",
-        "server",
-        "start",
-        "--background",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    if echo:
-        typer.echo(f"Starting a Prefect server for PREFECT_HOME={home} at {url.removesuffix('/api')} ...")
-    proc = subprocess.run(
-        cmd,
-        env=server_env(home, host, port),
-        cwd=home,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,  # the server outlives this process and the terminal's Ctrl-C
-    )
-    if proc.returncode != 0:
-        raise ServerError(
-            f"`prefect server start --background` failed: {(proc.stdout + proc.stderr).strip()[-800:]}"
-        )
-    t0 = time.monotonic()
-    if wait_for(url, home, timeout_s):
-        if echo:
-            typer.echo(f"Prefect server ready after {time.monotonic() - t0:.0f}s.")
-        return ServerInfo(url, started=True)
-    raise ServerError(
-        f"the Prefect server did not answer at {url} within {timeout_s:.0f}s; "
-        f"run `prefect server start --port {port}` in a terminal to see why"
-    )
+    return None
 
 
 def ensure_server(
     host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout_s: float = START_TIMEOUT_S, echo: bool = True
 ) -> ServerInfo:
-    """This home's running server, else a new one (on `port`, or a free one if it is taken)."""
+    """This home's running (or still starting) server, else `prefect server start --background`
+    on `port`, or on a free port when something else holds it."""
     home = prefect_home()
     with _locked(home):
-        url = find_server(host, port)
+        url = find_server(host, port) or wait_for_server(home, timeout_s)
         if url is not None:
             return ServerInfo(url, started=False)
-        pid = background_pid(home)
-        address = background_address(pid) if pid is not None else None
-        if address is not None and wait_for(api_url_for(*address), home, timeout_s):  # still starting
-            return ServerInfo(api_url_for(*address), started=False)
-        return start_server(host, port, timeout_s, echo)
+        if background_pid(home) is not None:  # started in the background, never answered
+            stop_server()
+        (home / PID_FILE).unlink(missing_ok=True)  # a dead server's: Prefect would refuse to start
+        free = free_port(host, port)
+        if echo and free != port:
+            typer.echo(f"Port {port} is taken by another server or program; using port {free}.")
+        if echo:
+            typer.echo(f"Starting a Prefect server for PREFECT_HOME={home} at http://{host}:{free} ...")
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--background",
+                "--host",
+                host,
+                "--port",
+                str(free),
+            ],
+            env=server_env(home, host, free),
+            cwd=home,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,  # the server outlives this process and the terminal's Ctrl-C
+        )
+        if proc.returncode != 0:
+            raise ServerError(
+                f"`prefect server start --background` failed: {(proc.stdout + proc.stderr).strip()[-800:]}"
+            )
+        url = wait_for_server(home, timeout_s)
+        if url is None:
+            raise ServerError(
+                f"the Prefect server did not answer on port {free} within {timeout_s:.0f}s; "
+                f"run `prefect server start --port {free}` in a terminal to see why"
+            )
+        if echo:
+            typer.echo(f"Prefect server ready after {time.monotonic() - t0:.0f}s.")
+        return ServerInfo(url, started=True)
 
 
 def stop_server() -> str:
     """`prefect server stop` for this home; says what happened."""
     home = prefect_home()
-    running = find_server()
-    if background_pid(home) is None:
-        (home / PID_FILE).unlink(missing_ok=True)
-        if running:
-            return f"The Prefect server at {running} was not started in the background; stop it where it runs (Ctrl-C)."
-        return f"No Prefect server running in the background for PREFECT_HOME={home}."
-    env = {**server_env(home, DEFAULT_HOST, DEFAULT_PORT), "PREFECT_HOME": str(home)}
+    if background_pid(home) is None and (running := find_server()):
+        return f"The Prefect server at {running} was not started in the background; stop it where it runs (Ctrl-C)."
     proc = subprocess.run(
         [sys.executable, "-m", "prefect", "server", "stop"],
-        env=env,
+        env=server_env(home, DEFAULT_HOST, DEFAULT_PORT),
         capture_output=True,
         text=True,
         timeout=60,

@@ -236,14 +236,30 @@ def test_server_of_another_home_is_never_used(tmp_path: Path, monkeypatch: pytes
 
 
 def test_a_stale_pid_file_does_not_block_a_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prefect refuses `--background` while its pid file exists; one left by a dead server is
-    cleared (and `stop` says nothing runs)."""
+    """Prefect refuses `--background` while its pid file exists: the file of a server that died
+    is gone before `prefect server start --background` runs (which is faked here: it only
+    records what it saw), and `stop` clears one too (Prefect's own `server stop`)."""
     from glyph_cli import server
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(server, "find_server", lambda *a, **k: None)
     (tmp_path / "server.pid").write_text(str(gone.pid))
     assert server.background_pid(tmp_path) is None
-    assert "No Prefect server running in the background" in server.stop_server()
+    seen: list[bool] = []
+
+    def fake_run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        seen.append((tmp_path / "server.pid").exists())
+        return subprocess.CompletedProcess(cmd, 1, "", "stop here")
+
+    monkeypatch.setattr(server.subprocess, "run", fake_run)
+    with pytest.raises(server.ServerError, match="stop here"):
+        server.ensure_server(port=_free_port(), echo=False)
+    assert seen == [False]
+    monkeypatch.undo()
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    (tmp_path / "server.pid").write_text(str(gone.pid))
+    assert "stale PID file" in server.stop_server()
     assert not (tmp_path / "server.pid").exists()
