@@ -1,17 +1,17 @@
 """`glyph run`: the whole pipeline with a profile, on a local directory or an object store.
 
-Prefect needs no server started by hand. Without `PREFECT_API_URL`, `glyph run` starts a local
-Prefect server in the background on first use (glyph_cli/server.py: `prefect server start` on
-127.0.0.1:4200, SQLite, log and pid file under `PREFECT_HOME`) and reuses it on later runs, so
-a cached rerun does not pay Prefect's ~11 s temporary-server start-up, and the person can open
-the UI and see the same run. `--no-server` (or `GLYPH_SERVER=0`) keeps Prefect's temporary
+Prefect needs no server started by hand. Without `PREFECT_API_URL`, `glyph run` uses the Prefect
+server of this `PREFECT_HOME`, however it was started, or starts one in the background
+(glyph_cli/server.py: `prefect server start --background` on 127.0.0.1:4200, SQLite under
+`PREFECT_HOME`), so a cached rerun does not pay Prefect's ~11 s temporary-server start-up, and
+the person can open the UI and see the same run. `--no-server` (or `GLYPH_SERVER=0`) keeps Prefect's temporary
 in-process server instead (what the tests want: nothing left running). We keep Prefect's home
 where Prefect users expect it rather than under the store: the store may be an S3 bucket, and
 one run history across stores is what a person browsing the UI wants.
 
 The run ends with the stage table, the evaluation table (base vs tuned per bucket), the
-selectivity numbers, the plot's path and the flow run's UI address, and saves all of that to
-`{store}/_runs/last.json` for `glyph report` (glyph_cli/run_summary.py).
+headline (selectivity within sources), the plot's path and the flow run's UI address. The flow
+itself saves the run's summary in the store for `glyph report` (glyph_cli/run_summary.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Any
 import typer
 
 from glyph_cli.common import StoreOpt, fail
-from glyph_cli.run_summary import evaluation_block, print_evaluation, print_summary, save_last
+from glyph_cli.run_summary import print_evaluation, print_summary
 from glyph_cli.server import ServerError, ensure_server
 from glyph_core.errors import GlyphError
 from glyph_core.profiles import PROFILES, load_profile, parse_sets
+from glyph_core.stages import refresh_set
 
 
 def _prefect_defaults(quiet: bool) -> None:
@@ -36,43 +37,21 @@ def _prefect_defaults(quiet: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    # The stages log through `glyph_core.*` loggers (train: "step 5/40 loss ..."; evaluate: each
-    # model's generation); Prefect shows them in the terminal and in the UI's run logs.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "glyph_core")
     if quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _api_url(use_server: bool) -> tuple[str | None, str | None]:
-    """(API URL to use, UI base URL): the configured one, the on-demand local server's, or
-    (None, None) for Prefect's temporary in-process server."""
+def _api_url(use_server: bool) -> str | None:
+    """The API URL to use: the configured one, this home's local server's (started if need be),
+    or None for Prefect's temporary in-process server."""
     from prefect.settings import PREFECT_API_URL  # Prefect: ~1 s to import; `glyph --help` needs none
 
     configured = PREFECT_API_URL.value()
     if configured:
-        return str(configured), str(configured).rstrip("/").removesuffix("/api")
+        return str(configured)
     if not use_server:
-        return None, None
-    info = ensure_server()
-    return info.api_url, info.ui_url
-
-
-def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
-    """Id, name and (with a lasting server) the UI address of the flow run just finished."""
-    info: dict[str, Any] = {"id": str(flow_run_id) if flow_run_id else None, "name": None}
-    if not flow_run_id:
-        return info
-    if ui:
-        info["server"] = ui
-        info["ui_url"] = f"{ui}/runs/flow-run/{flow_run_id}"
-    from prefect import get_client  # see _api_url
-
-    try:
-        with get_client(sync_client=True) as client:
-            info["name"] = client.read_flow_run(flow_run_id).name
-    except Exception:  # the name is a courtesy; the id (and URL) are enough
-        pass
-    return info
+        return None
+    return ensure_server().api_url
 
 
 def run_cmd(
@@ -97,10 +76,11 @@ def run_cmd(
     try:
         overrides = parse_sets(set_)
         load_profile(profile, overrides)  # fail on a typo before Prefect starts a server
+        refresh_set(refresh)
     except GlyphError as exc:
         fail(exc, code=2)
     try:
-        api_url, ui = _api_url(server)
+        api_url = _api_url(server)
     except ServerError as exc:
         fail(f"{exc}\n(or run with --no-server to use Prefect's temporary server)")
 
@@ -110,8 +90,8 @@ def run_cmd(
 
     from flows.pipeline import pipeline
 
-    # Prefect gives the extra loggers its handlers but not a level, and the root logger's
-    # WARNING would hide the progress lines.
+    # The stages log through `glyph_core.*` loggers (train: "step 5/40 loss ..."); the tasks
+    # send them to the run log (tasks/runlog.py); the root logger's WARNING would hide them here.
     logging.getLogger("glyph_core").setLevel(logging.WARNING if quiet else logging.INFO)
 
     updates = {PREFECT_API_URL: api_url} if api_url else {}
@@ -123,17 +103,15 @@ def run_cmd(
             summary: dict[str, Any] = state.result()  # type: ignore[union-attr]
         except GlyphError as exc:
             fail(exc)
-        summary["flow_run"] = _flow_run_info(state.state_details.flow_run_id, ui)  # type: ignore[union-attr]
 
-    summary["evaluation"] = evaluation_block(summary["store"], summary["stages"])
-    summary["last_run"] = save_last(summary)
     if json_out:
         json.dump(summary, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         print_summary(summary)
         print_evaluation(summary)
-        typer.echo(f"saved: {summary['last_run']}  (`glyph report` prints this again and writes report.md)")
+        name = (summary.get("flow_run") or {}).get("name") or ""
+        typer.echo(f"`glyph report {name}` prints this again and writes report.md with the plot")
 
 
 def register(app: typer.Typer) -> None:

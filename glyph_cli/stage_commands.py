@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from glyph_cli.common import USER_ERRORS, console, fail
-from glyph_cli.run_summary import evaluation_block, print_evaluation
+from glyph_cli.run_summary import print_evaluation
 from glyph_core.config import StrictModel
 from glyph_core.errors import GlyphError
 from glyph_core.outputs import Ref, StageOutput, import_model, import_table
@@ -231,7 +231,7 @@ def _print_output(stage: Stage, store: Store, out: StageOutput, written: dict[st
     console.print(table)
     if stage.name == "evaluate":  # the table people look for, as `glyph run` prints it
         row = {"stage": stage.name, "key": out.key, "refs": {k: r.uri for k, r in out.refs.items()}}
-        print_evaluation({"evaluation": evaluation_block(store.root, [row])}, console)
+        print_evaluation({"store": store.root, "stages": [row]}, console)
 
 
 def _log_to_console() -> None:

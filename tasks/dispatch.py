@@ -20,13 +20,9 @@ dispatches again.
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 
 from glyph_core.config import StrictModel
 from glyph_core.outputs import Progress, Ref, StageOutput
@@ -42,19 +38,10 @@ from tasks.children import (
     wait_for_child,
 )
 from tasks.faults import inject_fault, record_execution
+from tasks.runlog import run_logger
 
 ENV_DEPLOYMENT = "GLYPH_GPU_DEPLOYMENT"
 ENV_GPUS = "GLYPH_FANOUT_GPUS"
-
-log = logging.getLogger(__name__)
-
-
-def run_logger() -> Any:
-    """Prefect's run logger inside a flow or task run, this module's logger outside one."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return log
 
 
 def configured_deployment(deployment: str | None = None) -> str | None:
