@@ -21,28 +21,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from glyph_core.errors import GlyphError
 from glyph_core.outputs import Ref, StageOutput, verify_output
-from glyph_core.profiles import PipelineConfig, default_store_root, load_profile
-from glyph_core.stages import Stage, names, stages
+from glyph_core.profiles import PipelineConfig, default_store_root, validate_run
+from glyph_core.stages import Stage, stages
 from glyph_core.storage import Store
 from tasks.caching import result_storage_for
 from tasks.stages import stage_task_options, task_for
-
-
-def refresh_set(refresh: list[str] | None) -> set[str]:
-    """The named stages and every stage after the earliest of them (`all` = every stage)."""
-    order = names()
-    chosen = [r.strip() for r in (refresh or []) if r.strip()]
-    if not chosen:
-        return set()
-    if "all" in chosen:
-        return set(order)
-    unknown = [n for n in chosen if n not in order]
-    if unknown:
-        raise GlyphError(f"unknown stage(s) in refresh: {', '.join(unknown)}; expected {', '.join(order)}")
-    first = min(order.index(n) for n in chosen)
-    return set(order[first:])
 
 
 class _Runner:
@@ -97,6 +81,7 @@ class _Runner:
                 "refs": {name: ref.uri for name, ref in out.refs.items()},
                 "rows_in": out.stats.rows_in,
                 "rows_out": out.stats.rows_out,
+                "errors": out.stats.errors,
                 "drops": out.stats.drops,
             }
         )
@@ -120,9 +105,9 @@ def pipeline(
         overrides: dotted settings, e.g. `{"train.max_steps": 3, "generate.teacher.temperature": 0.2}`.
     """
     t0 = time.perf_counter()
-    cfg = load_profile(profile, overrides or {})
+    cfg, refresh_stages = validate_run(profile, overrides, refresh)  # the checks `glyph run` makes
     st = Store(store or default_store_root()).ensure()
-    runner = _Runner(st, cfg, refresh_set(refresh))
+    runner = _Runner(st, cfg, refresh_stages)
 
     refs: dict[str, Ref] = {}  # every output so far, by the name its stage declared
     for stage in stages():

@@ -16,31 +16,125 @@ selectivity numbers, the plot's path and the flow run's UI address, and saves al
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
 import typer
 
-from glyph_cli.common import StoreOpt, fail
+from glyph_cli.common import DebugOpt, StoreOpt, debug_enabled, fail, reported_errors, set_debug
 from glyph_cli.run_summary import evaluation_block, print_evaluation, print_summary, save_last
 from glyph_cli.server import ServerError, ensure_server
-from glyph_core.errors import GlyphError
-from glyph_core.profiles import PROFILES, load_profile, parse_sets
+from glyph_core.pids import pid_alive
+from glyph_core.profiles import PROFILES, default_store_root, parse_sets, validate_run
+from glyph_core.storage import Store
+
+FLOW_NAME = "glyph-pipeline"
+RUN_TAG = "glyph-run"
+"""Each pipeline run `glyph run` starts is tagged `glyph-run:<host>:<pid>`, so a later `glyph
+run` can tell the runs whose process is gone (`crash_orphaned_runs`)."""
+
+# Bounds on every call to the Prefect API (Prefect's defaults: 60 s per request, 5 retries with
+# 2, 4, 8, 16, 32 s of back-off, so about 7 minutes for one call to a server that stopped
+# answering). Here: 30 s per request and 3 retries (2 + 4 + 8 s): a server that died fails a
+# call in about 15 s, one that accepts connections and never answers in about 2 minutes.
+API_LIMITS = {"PREFECT_API_REQUEST_TIMEOUT": "30", "PREFECT_CLIENT_MAX_RETRIES": "3"}
 
 
-def _prefect_defaults(quiet: bool) -> None:
+def _prefect_defaults() -> None:
     """Settings for a fresh machine; each only where the user has not set it (env wins)."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    for name, value in API_LIMITS.items():
+        os.environ.setdefault(name, value)
     # The stages log through `glyph_core.*` loggers (train: "step 5/40 loss ..."; evaluate: each
     # model's generation); Prefect shows them in the terminal and in the UI's run logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "glyph_core")
-    if quiet:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Prefect's console format, minus the traceback: in the terminal every log record is one
+    line, and the failure's own `error:` line says what to do. The record itself is not
+    changed, so the API handler still sends the traceback to the run's logs in the UI."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            record = copy.copy(record)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return self.inner.format(record)
+
+
+def terminal_logs(debug: bool, quiet: bool) -> None:
+    """What Prefect's console handler prints: with `-q` nothing (the run's logs stay in the
+    UI; the command prints its summary or its error line), by default one line per record,
+    with `--debug` the tracebacks too."""
+    from prefect.logging.handlers import PrefectConsoleHandler  # imported with Prefect; see run_cmd
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, PrefectConsoleHandler):
+            continue
+        if quiet:
+            handler.setLevel(logging.CRITICAL + 1)
+        if not debug and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
+
+
+def run_tag() -> str:
+    return f"{RUN_TAG}:{socket.gethostname()}:{os.getpid()}"
+
+
+def crash_orphaned_runs() -> list[str]:
+    """Mark Crashed the pipeline runs this host started whose process is gone but which the
+    Prefect database still shows Running or Pending: the server died mid-run (nobody was left
+    to report the end) or the process was killed. Returns their names.
+
+    Prefect's own answer to such "zombie" runs is the flow-run heartbeat (every 180 s by
+    default in 3.9) and an automation that crashes a run whose heartbeats stop
+    (deployments/automations.yaml, created by `glyph deploy`); this covers the runs `glyph run`
+    starts on a server that has no such automation, at the cost of one query per run.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    prefix = f"{RUN_TAG}:{socket.gethostname()}:"
+    crashed: list[str] = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                )
+            ),
+        )
+        for run in runs:
+            pids = [t.removeprefix(prefix) for t in run.tags if t.startswith(prefix)]
+            if not pids or not pids[0].isdigit() or pid_alive(int(pids[0])):
+                continue
+            message = (
+                f"its process (pid {pids[0]} on {socket.gethostname()}) is gone; "
+                "marked Crashed by the next `glyph run`"
+            )
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            crashed.append(run.name)
+    return crashed
 
 
 def _api_url(use_server: bool) -> tuple[str | None, str | None]:
@@ -80,10 +174,12 @@ def run_cmd(
     store: StoreOpt = None,
     set_: list[str] = typer.Option([], "--set", help="override a setting: key.path=value (repeatable)"),
     refresh: list[str] = typer.Option(
-        [], "--refresh", help="recompute this stage and every later one (repeatable)"
+        [], "--refresh", help="recompute this stage and every later one (repeatable; `all`)"
     ),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON instead of a table"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Prefect logs at WARNING only"),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="no Prefect logs in the terminal: the summary, or one error line"
+    ),
     server: bool = typer.Option(
         True,
         "--server/--no-server",
@@ -91,42 +187,53 @@ def run_cmd(
         help="without PREFECT_API_URL: start/reuse a local Prefect server (UI on :4200), "
         "or use Prefect's temporary in-process one",
     ),
+    debug: DebugOpt = False,
 ) -> None:
     """Run every stage (unify → generate → filter → rewrite → train → evaluate) under Prefect; cached stages return at once."""
-    _prefect_defaults(quiet)
-    try:
+    set_debug(debug)
+    _prefect_defaults()
+    # Everything that can be checked before Prefect starts a server is checked here: the
+    # settings and refresh names (the same function the flow calls at its first line), then
+    # the store (a bad path, a dead or silent endpoint fail within its time limits).
+    with reported_errors(code=2):
         overrides = parse_sets(set_)
-        load_profile(profile, overrides)  # fail on a typo before Prefect starts a server
-    except GlyphError as exc:
-        fail(exc, code=2)
+        validate_run(profile, overrides, refresh)
+    with reported_errors():
+        Store(store or default_store_root()).ensure()
     try:
         api_url, ui = _api_url(server)
     except ServerError as exc:
-        fail(f"{exc}\n(or run with --no-server to use Prefect's temporary server)")
+        fail(f"{exc}; or run with --no-server to use Prefect's temporary server")
 
     # Imported only now: Prefect and the flow take seconds to import, and `glyph --help` or a
     # typo in `--set` should not wait for them.
+    from prefect import tags
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.pipeline import pipeline
 
+    terminal_logs(debug=debug_enabled(), quiet=quiet)
     # Prefect gives the extra loggers its handlers but not a level, and the root logger's
-    # WARNING would hide the progress lines.
-    logging.getLogger("glyph_core").setLevel(logging.WARNING if quiet else logging.INFO)
+    # WARNING would hide the progress lines (in the terminal and in the UI's run logs).
+    logging.getLogger("glyph_core").setLevel(logging.INFO)
 
     updates = {PREFECT_API_URL: api_url} if api_url else {}
-    with temporary_settings(updates=updates):  # type: ignore[arg-type]
-        try:
+    with temporary_settings(updates=updates), reported_errors():  # type: ignore[arg-type]
+        if api_url:  # a lasting server keeps the runs of earlier processes
+            for name in crash_orphaned_runs():
+                logging.getLogger("glyph_core").warning(
+                    "flow run %s was left Running by a process that is gone; marked Crashed", name
+                )
+        with tags(run_tag()):
             state = pipeline(
                 profile=profile, store=store, refresh=list(refresh), overrides=overrides, return_state=True
             )
-            summary: dict[str, Any] = state.result()  # type: ignore[union-attr]
-        except GlyphError as exc:
-            fail(exc)
+        summary: dict[str, Any] = state.result()  # type: ignore[union-attr]
         summary["flow_run"] = _flow_run_info(state.state_details.flow_run_id, ui)  # type: ignore[union-attr]
 
-    summary["evaluation"] = evaluation_block(summary["store"], summary["stages"])
-    summary["last_run"] = save_last(summary)
+    with reported_errors():
+        summary["evaluation"] = evaluation_block(summary["store"], summary["stages"])
+        summary["last_run"] = save_last(summary)
     if json_out:
         json.dump(summary, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
