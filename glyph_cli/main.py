@@ -21,7 +21,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def main(debug: DebugOpt = False) -> None:
     """Promptless glyph emergence: unify, generate, filter, rewrite, train, evaluate.

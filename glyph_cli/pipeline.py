@@ -20,23 +20,20 @@ import copy
 import json
 import logging
 import os
-import socket
 import sys
 from typing import Any
 
 import typer
 
 from glyph_cli.common import DebugOpt, StoreOpt, debug_enabled, fail, reported_errors, set_debug
+from glyph_cli.deploy import REPO, load_automations
 from glyph_cli.run_summary import evaluation_block, print_evaluation, print_summary, save_last
 from glyph_cli.server import ServerError, ensure_server
-from glyph_core.pids import pid_alive
 from glyph_core.profiles import PROFILES, default_store_root, parse_sets, validate_run
 from glyph_core.storage import Store
 
-FLOW_NAME = "glyph-pipeline"
-RUN_TAG = "glyph-run"
-"""Each pipeline run `glyph run` starts is tagged `glyph-run:<host>:<pid>`, so a later `glyph
-run` can tell the runs whose process is gone (`crash_orphaned_runs`)."""
+ZOMBIE_AUTOMATION = "glyph-crash-zombie-runs"
+AUTOMATIONS_FILE = REPO / "deployments" / "automations.yaml"
 
 # Bounds on every call to the Prefect API (Prefect's defaults: 60 s per request, 5 retries with
 # 2, 4, 8, 16, 32 s of back-off, so about 7 minutes for one call to a server that stopped
@@ -88,67 +85,46 @@ def terminal_logs(debug: bool, quiet: bool) -> None:
             handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
-def run_tag() -> str:
-    return f"{RUN_TAG}:{socket.gethostname()}:{os.getpid()}"
+def ensure_zombie_automation() -> bool:
+    """Create, once, the automation that marks Crashed a glyph flow run whose heartbeats stopped
+    (`ZOMBIE_AUTOMATION` in deployments/automations.yaml) on the local server `glyph run` uses;
+    True if it was created now.
 
-
-def crash_orphaned_runs() -> list[str]:
-    """Mark Crashed the pipeline runs this host started whose process is gone but which the
-    Prefect database still shows Running or Pending: the server died mid-run (nobody was left
-    to report the end) or the process was killed. Returns their names.
-
-    Prefect's own answer to such "zombie" runs is the flow-run heartbeat (every 180 s by
-    default in 3.9) and an automation that crashes a run whose heartbeats stop
-    (deployments/automations.yaml, created by `glyph deploy`); this covers the runs `glyph run`
-    starts on a server that has no such automation, at the cost of one query per run.
+    A run whose process or server died mid-run stays Running in Prefect's database, since nobody
+    is left to report its end. Every flow run sends a heartbeat event (every 180 s by default in
+    Prefect 3.9); with this automation the server marks the run Crashed once they have stopped
+    for 10 minutes. `glyph deploy` creates it with the deployments' automations on a shared
+    server; the local one `glyph run` starts gets it here (one query per run). Best effort: a
+    server without automations runs the pipeline all the same.
     """
     from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
 
-    prefix = f"{RUN_TAG}:{socket.gethostname()}:"
-    crashed: list[str] = []
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
-                )
-            ),
+    try:
+        (automation,) = [a for a in load_automations(AUTOMATIONS_FILE) if a.name == ZOMBIE_AUTOMATION]
+        with get_client(sync_client=True) as client:
+            if client.read_automations_by_name(ZOMBIE_AUTOMATION):
+                return False
+            client.create_automation(automation)
+        return True
+    except Exception as exc:  # the run does not depend on it
+        logging.getLogger("glyph_core").warning(
+            "could not create the %s automation: %s", ZOMBIE_AUTOMATION, exc
         )
-        for run in runs:
-            pids = [t.removeprefix(prefix) for t in run.tags if t.startswith(prefix)]
-            if not pids or not pids[0].isdigit() or pid_alive(int(pids[0])):
-                continue
-            message = (
-                f"its process (pid {pids[0]} on {socket.gethostname()}) is gone; "
-                "marked Crashed by the next `glyph run`"
-            )
-            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-            crashed.append(run.name)
-    return crashed
+        return False
 
 
-def _api_url(use_server: bool) -> tuple[str | None, str | None]:
-    """(API URL to use, UI base URL): the configured one, the on-demand local server's, or
-    (None, None) for Prefect's temporary in-process server."""
+def _api_url(use_server: bool) -> tuple[str | None, str | None, bool]:
+    """(API URL to use, UI base URL, whether it is the on-demand local server): the configured
+    one, the local server's, or (None, None, False) for Prefect's temporary in-process server."""
     from prefect.settings import PREFECT_API_URL  # Prefect: ~1 s to import; `glyph --help` needs none
 
     configured = PREFECT_API_URL.value()
     if configured:
-        return str(configured), str(configured).rstrip("/").removesuffix("/api")
+        return str(configured), str(configured).rstrip("/").removesuffix("/api"), False
     if not use_server:
-        return None, None
+        return None, None, False
     info = ensure_server()
-    return info.api_url, info.ui_url
+    return info.api_url, info.ui_url, True
 
 
 def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
@@ -201,13 +177,12 @@ def run_cmd(
     with reported_errors():
         Store(store or default_store_root()).ensure()
     try:
-        api_url, ui = _api_url(server)
+        api_url, ui, own_server = _api_url(server)
     except ServerError as exc:
         fail(f"{exc}; or run with --no-server to use Prefect's temporary server")
 
     # Imported only now: Prefect and the flow take seconds to import, and `glyph --help` or a
     # typo in `--set` should not wait for them.
-    from prefect import tags
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.pipeline import pipeline
@@ -219,15 +194,11 @@ def run_cmd(
 
     updates = {PREFECT_API_URL: api_url} if api_url else {}
     with temporary_settings(updates=updates), reported_errors():  # type: ignore[arg-type]
-        if api_url:  # a lasting server keeps the runs of earlier processes
-            for name in crash_orphaned_runs():
-                logging.getLogger("glyph_core").warning(
-                    "flow run %s was left Running by a process that is gone; marked Crashed", name
-                )
-        with tags(run_tag()):
-            state = pipeline(
-                profile=profile, store=store, refresh=list(refresh), overrides=overrides, return_state=True
-            )
+        if own_server:
+            ensure_zombie_automation()
+        state = pipeline(
+            profile=profile, store=store, refresh=list(refresh), overrides=overrides, return_state=True
+        )
         summary: dict[str, Any] = state.result()  # type: ignore[union-attr]
         summary["flow_run"] = _flow_run_info(state.state_details.flow_run_id, ui)  # type: ignore[union-attr]
 
