@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import typer
@@ -41,23 +42,31 @@ AUTOMATIONS_FILE = REPO / "deployments" / "automations.yaml"
 # call in about 15 s, one that accepts connections and never answers in about 2 minutes.
 API_LIMITS = {"PREFECT_API_REQUEST_TIMEOUT": "30", "PREFECT_CLIENT_MAX_RETRIES": "3"}
 
+QUIET_LIBRARIES = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # TRL's tokenizing bars
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",  # library deprecation notices, here and in launched trainers
+}
+"""What `-q` also turns off: the libraries' own progress bars and notices (env wins)."""
 
-def _prefect_defaults() -> None:
+
+def _prefect_defaults(quiet: bool = False) -> None:
     """Settings for a fresh machine; each only where the user has not set it (env wins)."""
+    for name, value in {**API_LIMITS, **(QUIET_LIBRARIES if quiet else {})}.items():
+        os.environ.setdefault(name, value)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    for name, value in API_LIMITS.items():
-        os.environ.setdefault(name, value)
     # The stages log through `glyph_core.*` loggers (train: "step 5/40 loss ..."; evaluate: each
     # model's generation); Prefect shows them in the terminal and in the UI's run logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "glyph_core")
 
 
 class _WithoutTraceback(logging.Formatter):
-    """Prefect's console format, minus the traceback: in the terminal every log record is one
-    line, and the failure's own `error:` line says what to do. The record itself is not
-    changed, so the API handler still sends the traceback to the run's logs in the UI."""
+    """A console format, minus the traceback: in the terminal every log record is one line, and
+    the failure's own `error:` line says what to do. The record itself is not changed, so the
+    API handler still sends the traceback to the run's logs in the UI."""
 
     def __init__(self, inner: logging.Formatter | None) -> None:
         super().__init__()
@@ -71,18 +80,25 @@ class _WithoutTraceback(logging.Formatter):
 
 
 def terminal_logs(debug: bool, quiet: bool) -> None:
-    """What Prefect's console handler prints: with `-q` nothing (the run's logs stay in the
-    UI; the command prints its summary or its error line), by default one line per record,
-    with `--debug` the tracebacks too."""
-    from prefect.logging.handlers import PrefectConsoleHandler  # imported with Prefect; see run_cmd
+    """What reaches the terminal from Prefect's log handlers (the console handler, and the one of
+    its internal services): with `-q` nothing (the run's logs stay in the UI; the command prints
+    its summary or its error line), by default one line per record, with `--debug` the
+    tracebacks too. Outside `--debug`, a log record that cannot be delivered (the API is down)
+    is dropped without the stdlib's "--- Logging error ---" report."""
+    from prefect.logging.handlers import APILogHandler  # imported with Prefect; see run_cmd
 
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler, PrefectConsoleHandler):
-            continue
-        if quiet:
-            handler.setLevel(logging.CRITICAL + 1)
-        if not debug and not isinstance(handler.formatter, _WithoutTraceback):
-            handler.setFormatter(_WithoutTraceback(handler.formatter))
+    if quiet:
+        warnings.simplefilter("ignore")
+    if not debug:
+        logging.raiseExceptions = False
+    for logger in (logging.getLogger(), logging.getLogger("prefect._internal")):
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.StreamHandler) or isinstance(handler, APILogHandler):
+                continue
+            if quiet:
+                handler.setLevel(logging.CRITICAL + 1)
+            if not debug and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 def ensure_zombie_automation() -> bool:
@@ -167,7 +183,7 @@ def run_cmd(
 ) -> None:
     """Run every stage (unify → generate → filter → rewrite → train → evaluate) under Prefect; cached stages return at once."""
     set_debug(debug)
-    _prefect_defaults()
+    _prefect_defaults(quiet)
     # Everything that can be checked before Prefect starts a server is checked here: the
     # settings and refresh names (the same function the flow calls at its first line), then
     # the store (a bad path, a dead or silent endpoint fail within its time limits).
