@@ -76,7 +76,9 @@ def test_quiet_prints_only_the_error_line(data_dir: Path, tmp_path: Path, prefec
         env={"PREFECT_HOME": prefect_home},
     )  # fmt: skip
     assert res.code == 1
-    assert len(res.lines) == 1 and res.lines[0].startswith(f"error: {bad}, line 1: not UTF-8 text"), res.output
+    assert len(res.lines) == 1 and res.lines[0].startswith(f"error: {bad}, line 1: not UTF-8 text"), (
+        res.output
+    )
 
 
 def test_debug_adds_the_traceback(data_dir: Path, tmp_path: Path, prefect_home: str) -> None:

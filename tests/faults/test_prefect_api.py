@@ -148,7 +148,11 @@ def test_the_zombie_run_automation_is_defined_for_glyph_flows() -> None:
     automation = {a.name: a for a in load_automations(AUTOMATIONS_FILE)}[ZOMBIE_AUTOMATION]
     trigger = automation.trigger
     assert trigger.posture.value == "Proactive" and trigger.after == {"prefect.flow-run.heartbeat"}
-    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed"} <= trigger.expect
+    assert {
+        "prefect.flow-run.heartbeat",
+        "prefect.flow-run.Completed",
+        "prefect.flow-run.Failed",
+    } <= trigger.expect
     assert trigger.within.total_seconds() == 600 and trigger.for_each == {"prefect.resource.id"}
     assert "glyph-pipeline" in trigger.match_related.root["prefect.resource.name"]
     (action,) = automation.actions
@@ -179,9 +183,9 @@ def test_server_dying_mid_train_loses_no_training(tmp_path: Path, server: Prefec
     args = ("run", "-q", "--store", str(store), "--set", "train.max_steps=4")
     res = glyph(*args, env=env, timeout=800)
     assert killed, res.output
-    assert res.code != 0 and res.errors and res.errors[-1].startswith(f"error: the Prefect API at {server.url}"), (
-        res.output
-    )
+    assert (
+        res.code != 0 and res.errors and res.errors[-1].startswith(f"error: the Prefect API at {server.url}")
+    ), res.output
 
     # The training finished and was published, although every API call after the kill failed.
     (model_dir,) = store.glob("train/*/model")
@@ -191,7 +195,10 @@ def test_server_dying_mid_train_loses_no_training(tmp_path: Path, server: Prefec
 
     # The server comes back on the same database: the run it lost is still Running there.
     server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+    with (
+        temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
         runs = client.read_flow_runs()
     assert [r.state_type.value for r in runs] == ["RUNNING"]
 
