@@ -9,9 +9,15 @@ in-process server instead (what the tests want: nothing left running). We keep P
 where Prefect users expect it rather than under the store: the store may be an S3 bucket, and
 one run history across stores is what a person browsing the UI wants.
 
-The run ends with the stage table, the evaluation table (base vs tuned per bucket), the
-selectivity numbers, the plot's path and the flow run's UI address, and saves all of that to
-`{store}/_runs/last.json` for `glyph report` (glyph_cli/run_summary.py).
+The run ends with the stage table (errors per stage included), the evaluation table (base vs
+tuned per bucket), the selectivity numbers, the plot's path and the flow run's UI address, and
+saves all of that to `{store}/_runs/last.json` for `glyph report` (glyph_cli/run_summary.py).
+
+A failure ends with one `error:` line (glyph_cli/common.py), and everything that can be checked
+before Prefect starts is: the settings and refresh names, then the store. In the terminal each
+of Prefect's log records is one line (the traceback stays in the UI's run logs; `--debug`
+shows it), `-q` leaves only the summary or the error line, and every Prefect API call is
+bounded (`API_LIMITS`). docs/failures.md has the whole picture.
 """
 
 from __future__ import annotations

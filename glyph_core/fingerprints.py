@@ -139,9 +139,9 @@ def fingerprint_sources(cfg: UnifyConfig, resolve: RevisionResolver = hub_commit
     unify then reads exactly those commits (`SourcesRef.revisions`)."""
     if cfg.data_dir is None:
         resolved = hub_revisions(list(cfg.sources), resolve=resolve)
-        files = {name: f"{HUB_SOURCES[name].hub_id}@{sha}" for name, sha in resolved.items()}
-        sha = hashlib.sha256("\n".join(sorted(files.values())).encode()).hexdigest()
-        return SourcesRef(sha256=sha, data_dir=None, files=files, revisions=resolved)
+        commits = {name: f"{HUB_SOURCES[name].hub_id}@{sha}" for name, sha in resolved.items()}
+        digest = hashlib.sha256("\n".join(sorted(commits.values())).encode()).hexdigest()
+        return SourcesRef(sha256=digest, data_dir=None, files=commits, revisions=resolved)
     root = Path(cfg.data_dir).expanduser()
     if not root.is_dir():
         raise GlyphError(f"data directory not found: {root}")

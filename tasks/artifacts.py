@@ -20,7 +20,6 @@ from prefect.artifacts import (
 from glyph_core.outputs import StageOutput
 from glyph_core.storage import DatasetRef, Store
 
-
 log = logging.getLogger(__name__)
 
 

@@ -210,3 +210,18 @@ def test_server_dying_mid_train_loses_no_training(tmp_path: Path, server: Prefec
     assert train_row["key"] == key
     assert (model_dir / "manifest.json").stat().st_mtime_ns == stamp  # not published again
     assert not (store / "_work" / "train" / key).exists()
+
+
+def test_glyph_run_creates_the_zombie_automation_once(server: PrefectServer) -> None:
+    """On the local server `glyph run` starts; a real server accepts the definition."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from glyph_cli.pipeline import ZOMBIE_AUTOMATION, ensure_zombie_automation
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        assert ensure_zombie_automation() is True
+        assert ensure_zombie_automation() is False  # one query on every later run, no duplicate
+        with get_client(sync_client=True) as client:
+            (automation,) = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+    assert automation.enabled and automation.trigger.within.total_seconds() == 600
