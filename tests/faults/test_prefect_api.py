@@ -165,21 +165,19 @@ def test_server_dying_mid_train_loses_no_training(tmp_path: Path, server: Prefec
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from glyph_core.train import published
-
     store = tmp_path / "store"
     env: dict[str, str | None] = {"PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(server.home)}
     killed: list[float] = []
 
-    def kill_when_training_starts() -> None:
+    def kill_before_training() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
-            if list(store.glob("_work/train/*.lock")):  # the train stage took its work directory
+            if list(store.glob("rewrite/*/sft.parquet")):  # rewrite done: train is next
                 server.kill()
                 killed.append(time.monotonic())
             time.sleep(0.05)
 
-    threading.Thread(target=kill_when_training_starts, daemon=True).start()
+    threading.Thread(target=kill_before_training, daemon=True).start()
     args = ("run", "-q", "--store", str(store), "--set", "train.max_steps=4")
     res = glyph(*args, env=env, timeout=800)
     assert killed, res.output
@@ -189,6 +187,8 @@ def test_server_dying_mid_train_loses_no_training(tmp_path: Path, server: Prefec
 
     # The training finished and was published, although every API call after the kill failed.
     (model_dir,) = store.glob("train/*/model")
+    from glyph_core.train import published
+
     key = model_dir.parent.name
     assert published(Store(store), key) is not None
     stamp = (model_dir / "manifest.json").stat().st_mtime_ns

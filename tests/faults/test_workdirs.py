@@ -75,7 +75,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     ref = store.write_table(sft_rows(), "rewrite", "k")
     cfg = load_profile("tiny").train.model_copy(update={{"max_steps": 6}})
     out = train.run(store, cfg, sft=ref)
-    print("RESULT " + json.dumps({{"sha": out.refs["model"].sha256, "reused": out.stats.extra["reused"]}}))
+    print("RESULT " + json.dumps({{"sha": out.refs["model"].sha256, "reused": out.stats.extra.get("reused")}}))
     """
 )
 
