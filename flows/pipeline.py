@@ -33,7 +33,7 @@ from prefect.runtime import flow_run
 from pydantic import BeforeValidator, Field
 
 from glyph_core.outputs import Ref, StageOutput, verify_output
-from glyph_core.profiles import PROFILES, PipelineConfig, default_store_root, load_profile
+from glyph_core.profiles import PROFILES, PipelineConfig, default_store_root, validate_run
 from glyph_core.reports import save_summary
 from glyph_core.stages import Stage, names, refresh_set, stages
 from glyph_core.storage import Store
@@ -41,7 +41,7 @@ from tasks.artifacts import publish_stage, publish_summary, ui_link
 from tasks.caching import result_storage_for
 from tasks.stages import stage_task_options, task_for
 
-__all__ = ["DEFAULT_PROFILE", "pipeline", "refresh_set", "settings"]
+__all__ = ["DEFAULT_PROFILE", "pipeline", "refresh_set"]
 
 DEFAULT_PROFILE = "demo"
 """What Run in the UI starts with (the deployment takes the flow's default): the real demo, a
@@ -68,14 +68,6 @@ Overrides = Annotated[
     dict[str, Any], _none_as(dict), Field(examples=[{"train.max_steps": 3, "evaluate.per_stratum": 2}])
 ]
 Sources = Annotated[list[str], _none_as(list)]
-
-
-def settings(
-    profile: str, overrides: dict[str, Any] | None, refresh: list[str] | None
-) -> tuple[PipelineConfig, set[str]]:
-    """The run's config and the stages to recompute; a `GlyphError` with one line (the CLI's,
-    `glyph_core.config.invalid_settings`) for an unknown setting, a bad value or stage."""
-    return load_profile(profile, overrides or {}), refresh_set(refresh)
 
 
 class _Runner:
@@ -142,6 +134,7 @@ class _Runner:
                 "refs": {name: ref.uri for name, ref in out.refs.items()},
                 "rows_in": out.stats.rows_in,
                 "rows_out": out.stats.rows_out,
+                "errors": out.stats.errors,
                 "drops": out.stats.drops,
             }
         )
@@ -185,7 +178,7 @@ def pipeline(
         changed_sources: set by the dataset trigger: the sources whose data changed.
     """
     t0 = time.perf_counter()
-    cfg, chosen = settings(profile, overrides, refresh)  # one error line, before any stage
+    cfg, chosen = validate_run(profile, overrides, refresh)  # the checks `glyph run` makes
     logger = get_run_logger()
     if changed_sources:
         logger.info("started because these sources changed: %s", ", ".join(changed_sources))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from glyph_cli import deploy, models, pipeline, report, server, stage_commands
+from glyph_cli.common import DebugOpt, set_debug
 
 app = typer.Typer(
     name="glyph",
@@ -18,6 +19,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main(debug: DebugOpt = False) -> None:
+    """Promptless glyph emergence: unify, generate, filter, rewrite, train, evaluate.
+
+    A failure ends with one `error:` line naming the file, setting or endpoint; `--debug`
+    (here or after the command) adds its traceback."""
+    set_debug(debug)
+
 
 for module in (stage_commands, pipeline, report, server, deploy, models):
     module.register(app)

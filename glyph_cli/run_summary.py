@@ -145,6 +145,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_column("stage s", justify="right")
     table.add_column("prefect s", justify="right")
     table.add_column("rows in → out", justify="right")
+    table.add_column("errors", justify="right")
     table.add_column("drops")
     table.add_column("artifact", overflow="fold")
     for row in summary["stages"]:
@@ -156,6 +157,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"{row['stage_seconds']:.2f}",
             f"{row['overhead_seconds']:.2f}",
             f"{row['rows_in']} → {row['rows_out']}",
+            str(row.get("errors", 0)),  # summaries saved before error counts have none
             drops,
             row["uri"],
         )

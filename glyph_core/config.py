@@ -399,6 +399,14 @@ class EvalConfig(StrictModel):
     backend: ModelBackend = Field(default="transformers", description="a backend that loads a model")
     compare_base: bool = Field(default=True, description="also evaluate the base model on the same problems")
     seed: Seed = Field(default=0, description="decoding seed")
+    # Whether a result exists, not what it contains (as generate's): out of the key.
+    max_error_rate: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        json_schema_extra=NOT_IN_KEY,
+        description="the stage fails (publishing nothing) when a larger share of a model's completions are errors",
+    )
     vllm: VLLMEngineConfig = Field(
         default_factory=VLLMEngineConfig, json_schema_extra=NOT_IN_KEY, description="vllm: engine settings"
     )

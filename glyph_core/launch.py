@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from glyph_core.config import TrainConfig
 from glyph_core.errors import GlyphError
 from glyph_core.storage import DatasetRef, Store
-from glyph_core.trainer import MANIFEST_NAME, MODEL_SUBDIR, StepProgress, TrainResult, train_sft
+from glyph_core.trainer import MANIFEST_NAME, MODEL_SUBDIR, RUN_NAME, StepProgress, TrainResult, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -244,4 +244,8 @@ def run_training(
     manifest = json.loads(manifest_path.read_text())
     metrics = pq.read_table(output_dir / METRICS_NAME)
     (output_dir / METRICS_NAME).unlink()
-    return TrainResult(model_dir=model_dir, manifest=manifest, metrics=metrics, kind=manifest["kind"])
+    run_path = output_dir / RUN_NAME
+    run = json.loads(run_path.read_text()) if run_path.exists() else {}
+    return TrainResult(
+        model_dir=model_dir, manifest=manifest, metrics=metrics, kind=manifest["kind"], run=run
+    )

@@ -81,7 +81,11 @@ def stage_markdown(out: StageOutput, *, cached: bool, report: StageReport | None
     """The stage's own artifact: how it ended, its counts and drops, its outputs (paths as text)."""
     s = out.stats
     status = "Cached: the result of an earlier run, not recomputed" if cached else f"ran in {s.seconds:.1f} s"
-    lines = [f"### {out.stage}: {status}", "", f"Key `{out.key}` · rows {s.rows_in} → {s.rows_out}"]
+    lines = [
+        f"### {out.stage}: {status}",
+        "",
+        f"Key `{out.key}` · rows {s.rows_in} → {s.rows_out} · errors {s.errors}",
+    ]
     drops = {k: v for k, v in s.drops.items() if v}
     if drops:
         lines += ["", "Dropped: " + ", ".join(f"{k} {v}" for k, v in drops.items())]

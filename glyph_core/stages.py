@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +45,7 @@ from glyph_core.config import (
     TrainConfig,
     UnifyConfig,
 )
-from glyph_core.errors import GlyphError
+from glyph_core.errors import GlyphError, SettingError
 from glyph_core.outputs import StageOutput
 from glyph_core.reports import StageReport, evaluation_report, training_report
 
@@ -179,9 +179,10 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def refresh_set(refresh: list[str] | None) -> set[str]:
-    """The named stages and every stage after the earliest of them (`all` = every stage): a
-    refreshed stage's consumers must see its new output."""
+def refresh_set(refresh: Iterable[str] | None) -> set[str]:
+    """The stages a `refresh` list recomputes: the named ones and every stage after the
+    earliest of them (a refreshed stage's consumers should see the rerun); `all` is every stage.
+    An unknown name is a `SettingError` naming the choices."""
     order = names()
     chosen = [r.strip() for r in (refresh or []) if r.strip()]
     if not chosen:
@@ -190,8 +191,8 @@ def refresh_set(refresh: list[str] | None) -> set[str]:
         return set(order)
     unknown = [n for n in chosen if n not in order]
     if unknown:
-        raise GlyphError(
-            f"unknown stage(s) in refresh: {', '.join(unknown)}; expected {', '.join(order)} or all"
+        raise SettingError(
+            f"refresh={','.join(unknown)}: unknown stage(s); expected all or {', '.join(order)}"
         )
     first = min(order.index(n) for n in chosen)
     return set(order[first:])

@@ -16,11 +16,17 @@ A Cached stage publishes its artifact too, saying so and linking the artifact of
 computed the result, and its report is drawn again from the store, so a fully cached run still
 shows its evaluation. Paths are shown as text: a worker's `file://` path is not something a
 browser can open.
+
+Every call to the Prefect API made here is best effort: a failure (the server died or stopped
+answering) is one warning, never the stage's failure, because the stage's outputs are in the
+store already and the UI is only where people look at them.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_client
@@ -46,21 +52,43 @@ SEARCHED = 200
 """How many of a key's newest artifacts are searched for the one that computed a cached result."""
 
 
+log = logging.getLogger(__name__)
+
+
+def _best_effort(what: str, call: Callable[[], Any]) -> bool:
+    """Run Prefect API calls for the UI; a failure is a warning, never the stage's failure.
+    Returns whether the calls went through."""
+    try:
+        call()
+    except Exception as exc:
+        log.warning(
+            "%s: the Prefect API call failed (%s: %s); the stage goes on", what, type(exc).__name__, exc
+        )
+        return False
+    return True
+
+
 def artifact_key(name: str) -> str:
     return f"{PREFIX}{name}"
 
 
 class ProgressArtifact:
     """`progress(done, total)` kept in one Prefect progress artifact per stage run, updated at
-    most once a second (each update is an API call) and always at the end."""
+    most once a second (each update is an API call) and always at the end. After a failed
+    update it stops calling the API, so a dead server costs one bounded wait, not one per step."""
 
     def __init__(self, stage: str, every_s: float = 1.0) -> None:
         self.stage = stage
         self.every_s = every_s
         self.artifact_id: Any = None
         self.last = 0.0
+        self.broken = False
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.broken:
+            self.broken = not _best_effort(f"{self.stage} progress", lambda: self._update(done, total))
+
+    def _update(self, done: int, total: int) -> None:
         pct = 100.0 * done / total if total > 0 else 100.0
         now = time.monotonic()
         description = f"{self.stage}: {done}/{total}"
@@ -128,7 +156,17 @@ def stage_report(store: Store, out: StageOutput) -> StageReport | None:
 
 
 def publish_stage(store: Store, out: StageOutput, *, cached: bool = False) -> StageReport | None:
-    """The stage's artifact, its report's documents and its headline in the run log."""
+    """The stage's artifact, its report's documents and its headline in the run log (best effort)."""
+    published: list[StageReport | None] = [None]
+
+    def publish() -> None:
+        published[0] = _publish_stage(store, out, cached=cached)
+
+    _best_effort(f"{out.stage} artifacts", publish)
+    return published[0]
+
+
+def _publish_stage(store: Store, out: StageOutput, *, cached: bool) -> StageReport | None:
     logger = run_logger()
     report = stage_report(store, out)
     markdown = stage_markdown(out, cached=cached, report=report)
@@ -160,13 +198,13 @@ def summary_markdown(summary: dict[str, Any], headline: list[str]) -> str:
         lines += ["", "Started because these sources changed: " + ", ".join(summary["changed_sources"])]
     lines += [
         "",
-        "| stage | status | seconds | rows in → out | main output |",
-        "|---|---|---:|---:|---|",
+        "| stage | status | seconds | rows in → out | errors | main output |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for r in summary["stages"]:
         status = "Cached" if r["cached"] else "ran"
         lines.append(
-            f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} | `{r['uri']}` |"
+            f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} | {r.get('errors', 0)} | `{r['uri']}` |"
         )
     if headline:
         lines += ["", "Result (artifact `glyph-evaluation` has the whole report and the plot):", ""]
@@ -175,8 +213,11 @@ def summary_markdown(summary: dict[str, Any], headline: list[str]) -> str:
 
 
 def publish_summary(summary: dict[str, Any], headline: list[str]) -> None:
-    create_markdown_artifact(
-        key=SUMMARY_KEY,
-        markdown=summary_markdown(summary, headline),
-        description=f"profile {summary['profile']} on {summary['store']}: every stage, Cached or ran",
+    _best_effort(
+        "summary",
+        lambda: create_markdown_artifact(
+            key=SUMMARY_KEY,
+            markdown=summary_markdown(summary, headline),
+            description=f"profile {summary['profile']} on {summary['store']}: every stage, Cached or ran",
+        ),
     )

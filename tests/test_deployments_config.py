@@ -75,7 +75,8 @@ def test_deployment_trigger_validates() -> None:
 def test_crash_automation_is_proactive_on_the_gpu_pool() -> None:
     from glyph_cli.deploy import load_automations
 
-    (automation,) = load_automations(AUTOMATIONS)
+    automations = {a.name: a for a in load_automations(AUTOMATIONS)}
+    automation = automations["glyph-reschedule-crashed-gpu-runs"]
     trigger = automation.trigger
     assert trigger.posture.value == "Proactive"
     assert trigger.after == {"prefect.flow-run.Crashed"}

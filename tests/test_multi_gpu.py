@@ -151,7 +151,9 @@ def test_accelerate_launch_matches_inline_and_resumes(
     # the stage reruns in the same work dir: the child resumes and publishes
     model_ref = train.run(st, cfg, sft=ref, work_dir=work).refs["model"]
     manifest = st.read_json(f"{model_ref.uri}/manifest.json")
-    assert manifest["resumed_from"].endswith("checkpoint-3")
+    assert st.read_json(model_ref.uri.removesuffix("/model") + "/run.json")["resumed_from"].endswith(
+        "checkpoint-3"
+    )
     metrics = st.read_table(_metrics_ref(st, ref, cfg))
     losses = metrics.column("loss").to_pylist()
     assert metrics.column("step").to_pylist() == list(range(1, 7))  # history survives the resume
