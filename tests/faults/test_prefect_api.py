@@ -18,6 +18,7 @@ automation's definition, not the transition.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -104,14 +105,19 @@ def _out(tmp_path: Path) -> tuple[Store, StageOutput]:
     return store, StageOutput(stage="filter", key="k", refs={"kept": ref}, stats=StageStats(rows_in=2))
 
 
-def test_progress_and_artifacts_survive_a_dead_api(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_and_artifacts_survive_a_dead_api(tmp_path: Path) -> None:
     """Each is a Prefect API call for the UI: a dead server is a warning, the stage goes on, and
     progress stops calling after the first failure (one bounded wait, not one per step)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.artifacts import ProgressArtifact, publish_artifacts
+    from tasks.artifacts import ProgressArtifact, publish_stage
 
     store, out = _out(tmp_path)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    # Our own handler on the module's logger: Prefect may reconfigure the root logger's handlers.
+    logging.getLogger("tasks.artifacts").addHandler(handler)
     with temporary_settings(updates={PREFECT_API_URL: f"{closed_port_url()}/api"}):
         progress = ProgressArtifact("train", every_s=0)
         progress(1, 100)
@@ -120,8 +126,9 @@ def test_progress_and_artifacts_survive_a_dead_api(tmp_path: Path, caplog: pytes
         for step in range(2, 101):
             progress(step, 100)
         assert time.monotonic() - t0 < 1.0  # no more calls once the API failed
-        publish_artifacts(store, out)
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        publish_stage(store, out)
+    logging.getLogger("tasks.artifacts").removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelname == "WARNING"]
     assert any(m.startswith("train progress: the Prefect API call failed (ConnectError") for m in warnings)
     assert any(m.startswith("filter artifacts: the Prefect API call failed (ConnectError") for m in warnings)
 
