@@ -15,11 +15,13 @@ The GPU stages run on the GPU pool when a GPU deployment is configured (`gpu_poo
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 
 from glyph_core.errors import GlyphError
 from glyph_core.outputs import Ref, StageOutput, verify_output
@@ -27,6 +29,7 @@ from glyph_core.profiles import PipelineConfig, default_store_root, load_profile
 from glyph_core.stages import Stage, names, stages
 from glyph_core.storage import Store
 from tasks.caching import result_storage_for
+from tasks.children import result_uri
 from tasks.stages import stage_task_options, task_for
 
 
@@ -134,9 +137,12 @@ def pipeline(
         table=[{k: v for k, v in row.items() if k not in ("refs", "drops")} for row in runner.summary],
         description=f"profile {profile} on {st.root}: cached or not, seconds per stage",
     )
-    return {
+    summary = {
         "profile": profile,
         "store": st.root,
         "seconds": round(time.perf_counter() - t0, 3),
         "stages": runner.summary,
     }
+    # Where a sweep that started this run through the deployment reads it back (flows/sweep.py).
+    st.publish_bytes(result_uri(st, flow_run.id, "pipeline"), json.dumps(summary, default=str).encode())
+    return summary

@@ -1,7 +1,7 @@
 """The `glyph` command: one entry for people.
 
 `glyph <stage>` for every declared stage (glyph_cli/stage_commands.py, generated from
-glyph_core/stages.py), `glyph run` and `glyph report` for the pipeline, `glyph server`,
+glyph_core/stages.py), `glyph run` and `glyph report` for the pipeline, `glyph sweep` for many runs of it, `glyph server`,
 `glyph deploy` and `glyph model` for the machinery around it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from glyph_cli import deploy, models, pipeline, report, server, stage_commands
+from glyph_cli import deploy, models, pipeline, report, server, stage_commands, sweep
 
 app = typer.Typer(
     name="glyph",
@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (stage_commands, pipeline, report, server, deploy, models):
+for module in (stage_commands, pipeline, sweep, report, server, deploy, models):
     module.register(app)
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from glyph_core.errors import GlyphError
 from glyph_core.profiles import PROFILES, load_profile, parse_sets
 
 
-def _prefect_defaults(quiet: bool) -> None:
+def prefect_defaults(quiet: bool) -> None:
     """Settings for a fresh machine; each only where the user has not set it (env wins)."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -43,7 +43,7 @@ def _prefect_defaults(quiet: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _api_url(use_server: bool) -> tuple[str | None, str | None]:
+def api_url_for(use_server: bool) -> tuple[str | None, str | None]:
     """(API URL to use, UI base URL): the configured one, the on-demand local server's, or
     (None, None) for Prefect's temporary in-process server."""
     from prefect.settings import PREFECT_API_URL  # Prefect: ~1 s to import; `glyph --help` needs none
@@ -57,7 +57,7 @@ def _api_url(use_server: bool) -> tuple[str | None, str | None]:
     return info.api_url, info.ui_url
 
 
-def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
+def flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
     """Id, name and (with a lasting server) the UI address of the flow run just finished."""
     info: dict[str, Any] = {"id": str(flow_run_id) if flow_run_id else None, "name": None}
     if not flow_run_id:
@@ -65,7 +65,7 @@ def _flow_run_info(flow_run_id: Any, ui: str | None) -> dict[str, Any]:
     if ui:
         info["server"] = ui
         info["ui_url"] = f"{ui}/runs/flow-run/{flow_run_id}"
-    from prefect import get_client  # see _api_url
+    from prefect import get_client  # see api_url_for
 
     try:
         with get_client(sync_client=True) as client:
@@ -93,14 +93,14 @@ def run_cmd(
     ),
 ) -> None:
     """Run every stage (unify → generate → filter → rewrite → train → evaluate) under Prefect; cached stages return at once."""
-    _prefect_defaults(quiet)
+    prefect_defaults(quiet)
     try:
         overrides = parse_sets(set_)
         load_profile(profile, overrides)  # fail on a typo before Prefect starts a server
     except GlyphError as exc:
         fail(exc, code=2)
     try:
-        api_url, ui = _api_url(server)
+        api_url, ui = api_url_for(server)
     except ServerError as exc:
         fail(f"{exc}\n(or run with --no-server to use Prefect's temporary server)")
 
@@ -123,7 +123,7 @@ def run_cmd(
             summary: dict[str, Any] = state.result()  # type: ignore[union-attr]
         except GlyphError as exc:
             fail(exc)
-        summary["flow_run"] = _flow_run_info(state.state_details.flow_run_id, ui)  # type: ignore[union-attr]
+        summary["flow_run"] = flow_run_info(state.state_details.flow_run_id, ui)  # type: ignore[union-attr]
 
     summary["evaluation"] = evaluation_block(summary["store"], summary["stages"])
     summary["last_run"] = save_last(summary)

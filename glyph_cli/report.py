@@ -10,6 +10,7 @@ import typer
 
 from glyph_cli.common import StoreOpt, fail
 from glyph_cli.run_summary import load_last, markdown_report, open_store, print_evaluation, print_summary
+from glyph_cli.sweep import show_sweep
 from glyph_core.errors import GlyphError
 from glyph_core.storage import StorageError
 
@@ -36,10 +37,22 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
 def report_cmd(
     store: StoreOpt = None,
     out: Path | None = typer.Option(
-        None, "--out", help="Markdown file to write (default report.md beside last.json; ./report.md for S3)"
+        None,
+        "--out",
+        help="Markdown file to write (default report.md beside last.json; ./report.md for S3); "
+        "with --sweep, a folder for the sweep's table, plot, record and metrics",
+    ),
+    sweep: str | None = typer.Option(
+        None, "--sweep", help="show a sweep instead: its flow-run id or name, `last`, or a kept folder"
     ),
 ) -> None:
     """Print the last run's tables again and write a short Markdown report with the plot."""
+    if sweep is not None:
+        try:
+            show_sweep(sweep, store, out)
+        except GlyphError as exc:
+            fail(exc)
+        return
     try:
         summary, uri = load_last(store)
     except GlyphError as exc:
