@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from glyph_core.config import BUCKETS, StrictModel, invalid_settings
+from glyph_core.config import BUCKETS, StrictModel
 from glyph_core.errors import GlyphError
 from glyph_core.eval_report import fmt_estimate, fmt_rate
 from glyph_core.metrics import BASE_LABEL, STUDY_GOAL, TUNED_LABEL
@@ -67,7 +67,7 @@ class SweepSpec(StrictModel):
     points: list[dict[str, Any]] = Field(
         default_factory=list,
         description="explicit points: dotted settings, and an optional `name`; each is combined "
-        "with every grid combination",
+        "with every grid combination (a named point then gets -1, -2, ... per combination)",
     )
 
 
@@ -84,8 +84,14 @@ def load_spec(path: str | Path) -> SweepSpec:
         )
     try:
         return SweepSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SweepError(f"sweep file {p}: {invalid_settings(exc)}") from None
+    except ValidationError as exc:  # paths such as grid."train.epochs" are not identifiers: name them all
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {str(e['msg']).replace('Input should be', 'must be')}"
+            if e["type"] != "extra_forbidden"
+            else f"{'.'.join(str(part) for part in e['loc'])}: unknown key (expected profile, set, grid, points)"
+            for e in exc.errors()
+        )
+        raise SweepError(f"sweep file {p}: {problems}") from None
 
 
 def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
@@ -97,7 +103,7 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
         key = key.strip()
         if not sep or not key or not text.strip():
             raise SweepError(f"--grid expects key=value1,value2,..., got {item!r}")
-        whole = parse_value(text)
+        whole = parse_value(text) if text.lstrip().startswith("[") else None
         values = whole if isinstance(whole, list) else [parse_value(v.strip()) for v in text.split(",")]
         if key in grid:
             raise SweepError(f"--grid {key} given twice")
@@ -168,7 +174,9 @@ def plan_sweep(
     out: list[Point] = []
     for i, (base, combo) in enumerate(itertools.product(bases, combos), start=1):
         base = dict(base)
-        name = str(base.pop("name", "")) or f"p{i:0{width}d}"
+        given = str(base.pop("name", ""))
+        suffix = f"-{(i - 1) % len(combos) + 1}" if len(combos) > 1 else ""
+        name = f"{given}{suffix}" if given else f"p{i:0{width}d}"
         clash = sorted(set(base) & set(combo))
         if clash:
             raise SweepError(f"point {name}: {', '.join(clash)} both in the point and in the grid")
