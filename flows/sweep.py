@@ -28,6 +28,7 @@ runs the points and publishes the result:
 from __future__ import annotations
 
 import base64
+import contextvars
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -35,6 +36,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.transactions import Transaction
 
 from flows.pipeline import pipeline, refresh_set
 from glyph_core.errors import GlyphError
@@ -61,6 +63,27 @@ class SweepIncomplete(GlyphError):
     """Some points failed; the others completed and their comparison is published."""
 
 
+def outside_transactions(fn: Any, /, **kwargs: Any) -> Any:
+    """Call `fn` (here: the pipeline as a subflow of a point task) with no Prefect transaction
+    active, keeping every other context (the flow and task run, so the subflow is still the
+    point's child).
+
+    Why: a task's own transaction becomes the parent of every task transaction opened inside it,
+    even in a subflow. A stage task then leaves committing, and so releasing its SERIALIZABLE
+    cache lock, to that parent: the point would hold the lock of every stage it ran or read
+    until the whole point ended (serialising the points), and if the point failed, its rollback
+    skips children already committed, so their locks would never be released and every later
+    point would wait on them for ever (the same nesting as Prefect issue #18600). Without a
+    parent, each stage commits and releases its lock when it ends, as in `glyph run`."""
+    ctx = contextvars.copy_context()
+
+    def call() -> Any:
+        Transaction.__var__.set(None)  # type: ignore[arg-type]
+        return fn(**kwargs)
+
+    return ctx.run(call)
+
+
 @task(name="sweep-point", cache_policy=NO_CACHE, persist_result=False)
 def run_point(
     title: str,
@@ -73,8 +96,13 @@ def run_point(
     """One point: its pipeline run, here or through the deployment; returns the run's id, name
     and summary, or raises that run's own error."""
     if pipeline_deployment is None:
-        state: Any = pipeline.with_options(flow_run_name=title)(
-            profile=profile, store=store, refresh=refresh, overrides=overrides, return_state=True
+        state: Any = outside_transactions(
+            pipeline.with_options(flow_run_name=title),
+            profile=profile,
+            store=store,
+            refresh=refresh,
+            overrides=overrides,
+            return_state=True,
         )
         summary = state.result()  # the point's own exception if it failed
         return {

@@ -220,7 +220,9 @@ def test_natural_hard_fraction_answers_a_share_of_hard_problems_naturally() -> N
 
 def test_threshold_per_source_overrides_the_global_bucket() -> None:
     kept = _kept(["mh0", "me0", "ge0", "gh0"])
-    cfg = RewriteConfig(glyph_min_bucket="easy", glyph_min_bucket_by_source={"math": "hard"}, natural_ratio=0.0)
+    cfg = RewriteConfig(
+        glyph_min_bucket="easy", glyph_min_bucket_by_source={"math": "hard"}, natural_ratio=0.0
+    )
     res = rewrite(kept, _two_sources(), cfg)
     assert sorted(r["id"] for r in res.table.to_pylist() if r["kind"] == "glyph") == ["ge0", "gh0", "mh0"]
     assert res.stats["glyph_below_bucket"] == 1  # me0: easy MATH is below MATH's own threshold
