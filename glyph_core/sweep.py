@@ -151,6 +151,12 @@ class SweepPlan:
         return {**self.sets, **point.settings}
 
 
+def _dotted(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
 def plan_sweep(
     profile: str,
     sets: Mapping[str, Any] | None = None,
@@ -159,19 +165,27 @@ def plan_sweep(
 ) -> SweepPlan:
     """Every point of the sweep, each one's pipeline config validated, before anything runs.
 
-    Refused: nothing to sweep; a setting both set for all points and varied; a grid setting
-    with no values; two points with the same settings or name; a point whose config is invalid
-    (the error names the point and the setting)."""
+    `sets` apply to every point; an explicit point's own settings win over them (`set` holds the
+    recipe's defaults, a point changes one lever). Every point then states every swept setting:
+    where it gave none, the value it runs with (from `sets`, else the profile), so the table
+    has no blank cells and two points that would run alike are caught.
+
+    Refused: nothing to sweep; a grid setting also in `sets` (the grid would always win) or in a
+    point; a grid setting with no values; two points with the same settings or name; a point
+    whose config is invalid (the error names the point and the setting)."""
     sets, grid, explicit = dict(sets or {}), dict(grid or {}), [dict(p) for p in points or []]
     if not grid and not explicit:
         raise SweepError("nothing to sweep: give --grid key=v1,v2 (or a sweep file with grid/points)")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"grid {key}: needs at least one value")
+    both = sorted(set(grid) & set(sets))
+    if both:
+        raise SweepError(f"{', '.join(both)}: both set for every point and swept in the grid; give it once")
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     bases = explicit or [{}]
     width = len(str(len(bases) * len(combos)))
-    out: list[Point] = []
+    given_points: list[Point] = []
     for i, (base, combo) in enumerate(itertools.product(bases, combos), start=1):
         base = dict(base)
         given = str(base.pop("name", ""))
@@ -180,23 +194,23 @@ def plan_sweep(
         clash = sorted(set(base) & set(combo))
         if clash:
             raise SweepError(f"point {name}: {', '.join(clash)} both in the point and in the grid")
-        settings = {**base, **combo}
-        both = sorted(set(settings) & set(sets))
-        if both:
-            raise SweepError(f"{', '.join(both)}: both set for every point and swept; give it once")
-        out.append(Point(name, settings))
-    for a, b in itertools.combinations(out, 2):
+        given_points.append(Point(name, {**base, **combo}))
+    swept = list(dict.fromkeys(k for p in given_points for k in p.settings))
+    out: list[Point] = []
+    configs: list[str] = []  # each point's whole validated config: 3 and 3.0 are the same epochs
+    for p in given_points:
+        try:
+            cfg = load_profile(profile, {**sets, **p.settings}).model_dump(mode="json")
+        except GlyphError as exc:
+            raise SweepError(f"point {p.name} ({p.label(swept)}): {exc}") from None
+        out.append(Point(p.name, {k: p.settings[k] if k in p.settings else _dotted(cfg, k) for k in swept}))
+        configs.append(canonical_json(cfg))
+    for (a, ca), (b, cb) in itertools.combinations(zip(out, configs, strict=True), 2):
         if a.name == b.name:
             raise SweepError(f"two points are named {a.name!r}")
-        if canonical_json(a.settings) == canonical_json(b.settings):
-            raise SweepError(f"points {a.name} and {b.name} have the same settings")
-    plan = SweepPlan(profile=profile, sets=sets, grid=grid, explicit=explicit, points=out)
-    for p in out:
-        try:
-            load_profile(profile, plan.overrides(p))
-        except GlyphError as exc:
-            raise SweepError(f"point {p.name} ({p.label(plan.swept)}): {exc}") from None
-    return plan
+        if ca == cb:
+            raise SweepError(f"points {a.name} and {b.name} run with the same settings")
+    return SweepPlan(profile=profile, sets=sets, grid=grid, explicit=explicit, points=out)
 
 
 # ---------------------------------------------------------------------------------------------

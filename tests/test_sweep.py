@@ -105,13 +105,27 @@ def test_explicit_points_alone_and_their_names() -> None:
     plan = plan_sweep("tiny", TINY, None, points)
     assert [p.name for p in plan.points] == ["recipe0", "p2"]
     assert plan.swept == ["rewrite.glyph_min_bucket", "rewrite.natural_balance"]
-    assert plan.points[0].label(plan.swept) == "glyph_min_bucket=medium"
+    # every point states every swept setting: recipe0 runs with the profile's natural_balance
+    assert plan.points[0].settings == {
+        "rewrite.glyph_min_bucket": "medium",
+        "rewrite.natural_balance": "pooled",
+    }
+    assert plan.points[0].label(plan.swept) == "glyph_min_bucket=medium natural_balance=pooled"
     with_grid = plan_sweep("tiny", TINY, {"train.epochs": [3, 6]}, points)
     assert [p.settings for p in with_grid.points][1] == {
         "rewrite.glyph_min_bucket": "medium",
+        "rewrite.natural_balance": "pooled",
         "train.epochs": 6,
     }
     assert len(with_grid.points) == 4
+
+
+def test_a_point_overrides_the_common_settings_and_shows_what_it_runs_with() -> None:
+    sets = {**TINY, "train.learning_rate": 1e-3, "rewrite.natural_ratio": 1.0}
+    plan = plan_sweep("tiny", sets, None, [{"name": "centre"}, {"name": "slow", "train.learning_rate": 3e-4}])
+    assert [p.settings for p in plan.points] == [{"train.learning_rate": 1e-3}, {"train.learning_rate": 3e-4}]
+    assert plan.overrides(plan.points[1])["train.learning_rate"] == 3e-4
+    assert plan.overrides(plan.points[1])["rewrite.natural_ratio"] == 1.0
 
 
 def test_labels_keep_the_whole_path_where_two_settings_end_alike() -> None:
@@ -124,9 +138,10 @@ def test_labels_keep_the_whole_path_where_two_settings_end_alike() -> None:
     [
         ({}, {}, [], "nothing to sweep"),
         ({}, {"train.epochs": []}, [], "needs at least one value"),
-        ({"train.epochs": 3}, {"train.epochs": [3, 6]}, [], "both set for every point and swept"),
+        ({"train.epochs": 3}, {"train.epochs": [3, 6]}, [], "both set for every point and swept in the grid"),
         ({}, {"train.epochs": [3]}, [{"train.epochs": 6}], "both in the point and in the grid"),
         ({}, None, [{"train.seed": 1}, {"train.seed": 1}], "same settings"),
+        ({"train.epochs": 3}, None, [{"train.epochs": 3}, {}], "p1 and p2 run with the same settings"),
         (
             {},
             {"train.learning_rate": [1e-3, -1]},
