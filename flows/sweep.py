@@ -9,7 +9,8 @@ runs the points and publishes the result:
   `run_deployment` as a subflow of the task (tasks/children.py: a retried sweep reattaches to a
   point run that completed or is still running instead of starting it again). Either way the UI
   shows the sweep with its points under it, and each point's stages under the point.
-- **Concurrency.** At most `max_parallel` points are in flight (a thread pool of that size).
+- **Concurrency.** At most `max_parallel` points are in flight (a thread pool of that size;
+  with 1, the points run one after the other in the flow's own thread).
   Inline, CPU stages of different points run side by side while GPU stages take turns
   (`tasks.dispatch.INLINE_GPU`); deployed, the pipeline deployment's concurrency limit and the
   `gpu` pool's own limit decide (deployments/prefect.yaml). Two points that need the same stage
@@ -135,12 +136,12 @@ def run_point(
     }
 
 
-def _error(future: Any) -> str:
+def _error(state: Any) -> str:
     try:
-        future.result()
+        state.result()
     except Exception as exc:  # the point's own error, for the record and the table
         return f"{type(exc).__name__}: {exc}"
-    return f"ended {future.state.name}"
+    return f"ended {state.name}"
 
 
 @flow(name="glyph-sweep")
@@ -180,29 +181,34 @@ def sweep(
     def title(p: Point) -> str:
         return f"{p.name}: {p.label(plan.swept)}"
 
-    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=max_parallel)
-    with runner:
-        futures = [
-            runner.submit(
-                run_point.with_options(task_run_name=literal(title(p))),
-                {
-                    "title": title(p),
-                    "profile": profile,
-                    "store": st.root,
-                    "overrides": plan.overrides(p),
-                    "refresh": refresh,
-                    "pipeline_deployment": pipeline_deployment,
-                },
-            )
-            for p in plan.points
-        ]
-        for f in futures:
-            f.wait()
+    def params(p: Point) -> dict[str, Any]:
+        return {
+            "title": title(p),
+            "profile": profile,
+            "store": st.root,
+            "overrides": plan.overrides(p),
+            "refresh": refresh,
+            "pipeline_deployment": pipeline_deployment,
+        }
+
+    def point_task(p: Point) -> Any:
+        return run_point.with_options(task_run_name=literal(title(p)))
+
+    states: list[Any]
+    if max_parallel == 1:  # one after the other in this thread (where GPU libraries expect to be)
+        states = [point_task(p)(**params(p), return_state=True) for p in plan.points]
+    else:
+        runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=max_parallel)
+        with runner:
+            futures = [runner.submit(point_task(p), params(p)) for p in plan.points]
+            for f in futures:
+                f.wait()
+            states = [f.state for f in futures]
 
     outcomes = []
-    for p, f in zip(plan.points, futures, strict=True):
-        if f.state.is_completed():
-            res = f.result()
+    for p, state in zip(plan.points, states, strict=True):
+        if state.is_completed():
+            res = state.result()
             outcomes.append(
                 point_outcome(
                     p,
@@ -214,7 +220,7 @@ def sweep(
                 )
             )
         else:
-            error = _error(f)
+            error = _error(state)
             logger.error("point %s failed: %s", p.name, error)
             outcomes.append(point_outcome(p, state="failed", error=error))
 
