@@ -22,7 +22,9 @@ dropdown), `refresh` a list of stage names (a multi-select), both derived from t
 the run's summary: as an artifact, and in the store for `glyph report`.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: a flow that Prefect loads from its entrypoint
+# file and sends to a subprocess is pickled by value, and annotations kept as strings would then
+# name types (`ProfileName`, ...) that the pickled function no longer carries.
 
 import time
 from datetime import UTC, datetime

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from glyph_cli import deploy, models, pipeline, report, server, stage_commands
+from glyph_cli import deploy, models, pipeline, report, server, stage_commands, sweep
 from glyph_cli.common import DebugOpt, set_debug
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ def main(debug: DebugOpt = False) -> None:
     set_debug(debug)
 
 
-for module in (stage_commands, pipeline, report, server, deploy, models):
+for module in (stage_commands, pipeline, sweep, report, server, deploy, models):
     module.register(app)
 
 if __name__ == "__main__":

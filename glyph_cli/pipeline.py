@@ -58,7 +58,7 @@ QUIET_LIBRARIES = {
 """What `-q` also turns off: the libraries' own progress bars and notices (env wins)."""
 
 
-def _prefect_defaults(quiet: bool = False) -> None:
+def prefect_defaults(quiet: bool = False) -> None:
     """Settings for a fresh machine; each only where the user has not set it (env wins)."""
     for name, value in {**API_LIMITS, **(QUIET_LIBRARIES if quiet else {})}.items():
         os.environ.setdefault(name, value)
@@ -133,7 +133,7 @@ def ensure_zombie_automation() -> bool:
         return False
 
 
-def _api_url(use_server: bool) -> tuple[str | None, bool]:
+def api_url_for(use_server: bool) -> tuple[str | None, bool]:
     """(API URL to use, whether it is this home's local server): the configured one, the local
     server's (started if need be), or (None, False) for Prefect's temporary in-process server."""
     from prefect.settings import PREFECT_API_URL  # Prefect: ~1 s to import; `glyph --help` needs none
@@ -168,7 +168,7 @@ def run_cmd(
 ) -> None:
     """Run every stage (unify → generate → filter → rewrite → train → evaluate) under Prefect; cached stages return at once."""
     set_debug(debug)
-    _prefect_defaults(quiet)
+    prefect_defaults(quiet)
     # Everything that can be checked before Prefect starts a server is checked here: the
     # settings and refresh names (the same function the flow calls at its first line), then
     # the store (a bad path, a dead or silent endpoint fail within its time limits).
@@ -178,7 +178,7 @@ def run_cmd(
     with reported_errors():
         Store(store or default_store_root()).ensure()
     try:
-        api_url, own_server = _api_url(server)
+        api_url, own_server = api_url_for(server)
     except ServerError as exc:
         fail(f"{exc}; or run with --no-server to use Prefect's temporary server")
 

@@ -21,6 +21,7 @@ from glyph_cli.run_summary import (
     print_summary,
     report_markdown,
 )
+from glyph_cli.sweep import show_sweep
 from glyph_core.errors import GlyphError
 from glyph_core.reports import summary_uri
 from glyph_core.storage import StorageError
@@ -53,10 +54,20 @@ def report_cmd(
     out: Path | None = typer.Option(
         None,
         "--out",
-        help="Markdown file to write (default report.md beside the run's summary; ./report.md for S3)",
+        help="Markdown file to write (default report.md beside the run's summary; ./report.md for S3); "
+        "with --sweep, a folder for the sweep's table, plot, record and metrics",
+    ),
+    sweep: str | None = typer.Option(
+        None, "--sweep", help="show a sweep instead: its flow-run id or name, `last`, or a kept folder"
     ),
 ) -> None:
     """Print a run's tables again and write a short Markdown report with the plot."""
+    if sweep is not None:
+        try:
+            show_sweep(sweep, store, out)
+        except GlyphError as exc:
+            fail(exc)
+        return
     try:
         summary, uri = load_summary(store, run)
     except GlyphError as exc:

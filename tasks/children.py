@@ -150,9 +150,14 @@ def link_task_run(client: Any, deployment: str, index: int) -> Any | None:
     return run.id
 
 
-def start_children(stage: str, deployment: str, children: list[Child], *, logger: Any) -> list[Any]:
+def start_children(
+    stage: str, deployment: str, children: list[Child], *, logger: Any, kind_tag: str = TAG
+) -> list[Any]:
     """A run of `glyph-<stage>/<deployment>` per child, or the live or completed run that a
-    previous attempt of this parent started with the same parameters (see "Reattaching")."""
+    previous attempt of this parent started with the same parameters (see "Reattaching").
+
+    `stage` names the child flow (`glyph-pipeline` for a sweep's points, flows/sweep.py) and
+    `kind_tag` says what kind of child it is in the UI (a GPU stage unless told otherwise)."""
     parent_id, parent_name = parent_ids()
     name = f"{flow_name(stage)}/{deployment}"
     runs: list[Any] = []
@@ -170,7 +175,7 @@ def start_children(stage: str, deployment: str, children: list[Child], *, logger
                     parameters=child.parameters,
                     state=Scheduled(),
                     name=f"{what} <- {parent_name}" if parent_name else None,
-                    tags=[TAG, f"glyph-stage-{stage}", *child.tags, tag],
+                    tags=[kind_tag, f"glyph-stage-{stage}", *child.tags, tag],
                     parent_task_run_id=link_task_run(client, name, index),
                     job_variables=child.job_variables,
                 )
@@ -208,11 +213,11 @@ def wait_for_child(
                 crashed_since = crashed_since or time.monotonic()
                 if time.monotonic() - crashed_since > crash_grace_s:
                     raise StageRunCrashed(
-                        f"GPU stage run {run.name} ({flow_run_id}) Crashed and was not rescheduled "
+                        f"child run {run.name} ({flow_run_id}) Crashed and was not rescheduled "
                         f"within {crash_grace_s:.0f} s: {state.message}"
                     )
             else:
                 raise StageRunFailed(
-                    f"GPU stage run {run.name} ({flow_run_id}) ended {state.name}: {state.message}"
+                    f"child run {run.name} ({flow_run_id}) ended {state.name}: {state.message}"
                 )
             time.sleep(poll_s)

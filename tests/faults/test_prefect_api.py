@@ -136,7 +136,7 @@ def test_progress_and_artifacts_survive_a_dead_api(tmp_path: Path) -> None:
 def test_glyph_run_bounds_every_api_call() -> None:
     """`glyph run` sets a request timeout and retry count where the user has not (env wins)."""
     code = (
-        "from glyph_cli.pipeline import _prefect_defaults; _prefect_defaults();"
+        "from glyph_cli.pipeline import prefect_defaults; prefect_defaults();"
         "from prefect.settings import get_current_settings as g; s = g();"
         "print(s.api.request_timeout, s.client.max_retries)"
     )
