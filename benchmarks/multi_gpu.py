@@ -224,7 +224,7 @@ def bench_sft(args: argparse.Namespace, n_gpus: int, tmp: Path) -> dict[str, Any
     rows = sft_rows(args.sft_batch * n_gpus * args.sft_steps, args.seq_len)
     t0 = time.perf_counter()
     result = run_training(rows, cfg, tmp / f"sft-{n_gpus}")  # launcher="accelerate": always launched
-    m = result.manifest["metrics"]
+    m = {**result.manifest["metrics"], **result.run}  # the timing is in `run`, not the manifest
     return {
         "gpus": n_gpus,
         "wall_s": time.perf_counter() - t0,

@@ -7,7 +7,10 @@ Each flow is derived from its stage's declaration: its parameters are the store 
 stage's input refs (typed as the runner declares them) and its config, so they are JSON-able
 pydantic models, editable in the UI; a stage with a fan-out also takes `group=[worker, K]`, and
 then does only that group's part. The body runs the same `Stage.run` the pipeline's tasks run
-inline, and publishes the `StageOutput` at the known key the parent reads.
+inline, and publishes the `StageOutput` at the known key the parent reads; then the stage's
+artifacts in the child run as the pipeline publishes them in its own (tasks/artifacts.py: the
+stage's artifact, `glyph-evaluation` for evaluate, the training metrics and loss curve for
+train), with the stage's log lines and result headline in the child run's log.
 
 Children never retry by themselves: a GPU stage resumes from its own shards or checkpoints, and
 whether to spend more GPU time is the parent's (or a person's) decision. A child refuses to
@@ -31,10 +34,11 @@ from glyph_core.config import StrictModel
 from glyph_core.outputs import StageOutput
 from glyph_core.stages import Stage, stages
 from glyph_core.storage import Store
-from tasks.artifacts import ProgressArtifact
+from tasks.artifacts import ProgressArtifact, publish_stage
 from tasks.children import StageRunFailed, flow_name, result_uri
 from tasks.dispatch import group_result_name, run_here
 from tasks.faults import inject_fault
+from tasks.runlog import relay_stage_logs
 
 
 def _check_run_count(stage: str) -> None:
@@ -53,6 +57,7 @@ def run_child(
     """The body of every GPU stage flow: run the stage (or one fan-out group of it) and publish
     the result where the parent reads it."""
     logger = get_run_logger()
+    relay_stage_logs()
     _check_run_count(stage.name)
     st = Store(store)
     ctx = FlowRunContext.get()
@@ -74,6 +79,10 @@ def run_child(
         uri = result_uri(st, run_id, stage.name)
         st.publish_bytes(uri, out.model_dump_json(indent=2).encode())
         logger.info("%s: %s -> %s (result %s)", stage.name, out.key, out.ref.uri, uri)
+    try:  # the result is safe in the store; the parent publishes the same artifacts in its run
+        publish_stage(st, out)
+    except Exception as exc:  # a lost artifact must not fail (and so redo) a finished GPU stage
+        logger.warning("%s: artifacts not published (%s: %s)", stage.name, type(exc).__name__, exc)
     return out
 
 

@@ -1,12 +1,15 @@
 """`glyph deploy`: set up the Prefect side on a fresh machine (deployments/README.md).
 
-`glyph deploy`, against the configured PREFECT_API_URL:
+`glyph deploy`, against the configured PREFECT_API_URL (else the running server of this
+PREFECT_HOME, glyph_cli/server.py):
 1. creates (or updates) the process work pools `cpu` and `gpu`, the latter with a concurrency
    limit of `--gpu-slots` (one flow run per GPU);
 2. runs `prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml` from the
    repository root (the deployments, their schedule, trigger and concurrency limits);
-3. creates or updates, by name, the automations of deployments/automations.yaml;
-4. prints the worker commands and the UI address.
+3. puts back the default parameters a person edited in the UI (`prefect deploy` replaces them
+   with the file's), unless `--reset-parameters`;
+4. creates or updates, by name, the automations of deployments/automations.yaml;
+5. prints the worker commands and the UI address.
 
 It is idempotent: run it again after editing prefect.yaml.
 
@@ -26,15 +29,17 @@ from typing import Annotated, Any
 import typer
 
 from glyph_cli.common import fail
+from glyph_cli.server import find_server
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = ("cpu", "gpu")
 
 
 def _api_url() -> str | None:
+    """The configured API, else the running server of this PREFECT_HOME (however started)."""
     from prefect.settings import PREFECT_API_URL
 
-    return PREFECT_API_URL.value()
+    return PREFECT_API_URL.value() or find_server()
 
 
 def ui_url(api_url: str) -> str:
@@ -106,6 +111,37 @@ async def list_deployments() -> list[str]:
     return lines
 
 
+async def deployment_parameters() -> dict[str, dict[str, Any]]:
+    """`{"flow/deployment": its default parameters}` for every deployment on the server."""
+    from prefect import get_client
+
+    async with get_client() as client:
+        deployments = await client.read_deployments()
+        flows = {f.id: f.name for f in await client.read_flows()}
+    return {f"{flows.get(d.flow_id, '?')}/{d.name}": dict(d.parameters or {}) for d in deployments}
+
+
+async def restore_parameters(before: dict[str, dict[str, Any]]) -> list[str]:
+    """Put back the parameters deployments had before `prefect deploy` replaced them."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    done = []
+    after = await deployment_parameters()
+    async with get_client() as client:
+        for name, old in sorted(before.items()):
+            if name not in after or after[name] == old:
+                continue
+            deployment = await client.read_deployment_by_name(name)
+            try:
+                await client.update_deployment(deployment.id, DeploymentUpdate(parameters=old))
+            except Exception as exc:  # e.g. a parameter the flow no longer takes: the file's stay
+                done.append(f"could not keep the parameters of {name} ({exc}); it has the file's now")
+                continue
+            done.append(f"kept the parameters of {name} as edited: {old} (--reset-parameters resets them)")
+    return done
+
+
 async def ensure_automations(path: Path) -> list[str]:
     """Create each automation of the file, or update the one with the same name."""
     from prefect import get_client
@@ -169,31 +205,44 @@ def register(app: typer.Typer) -> None:
         repo: Annotated[
             Path, typer.Option(help="Repository root: entrypoints are relative to it, workers run it.")
         ] = REPO,
+        reset_parameters: Annotated[
+            bool,
+            typer.Option(help="Give the deployments the file's parameters, dropping those edited in the UI."),
+        ] = False,
     ) -> None:
         """Create the cpu and gpu work pools, deploy everything, create the automations."""
         api_url = _api_url()
         if not api_url:
             fail(
-                "PREFECT_API_URL is not set. Start a server (`prefect server start`, or `glyph server start`)\n"
-                "and point at it: `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`.",
+                "no Prefect server: PREFECT_API_URL is not set and none runs for this PREFECT_HOME.\n"
+                "Start one with `glyph server start` (or point PREFECT_API_URL at yours).",
                 code=2,
             )
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        os.environ["PREFECT_API_URL"] = api_url  # for `prefect deploy`
         repo = repo.resolve()
         try:
-            asyncio.run(_check_api())
-            for line in asyncio.run(ensure_pools({"cpu": cpu_slots or None, "gpu": gpu_slots or None})):
-                typer.echo(line)
-            typer.echo(f"deploying {prefect_file} ...")
-            run_prefect_deploy(prefect_file.resolve(), repo)
-            for line in asyncio.run(list_deployments()):
-                typer.echo(f"  {line}")
-            for line in asyncio.run(ensure_automations(automations.resolve())):
-                typer.echo(line)
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                asyncio.run(_check_api())
+                for line in asyncio.run(ensure_pools({"cpu": cpu_slots or None, "gpu": gpu_slots or None})):
+                    typer.echo(line)
+                before = {} if reset_parameters else asyncio.run(deployment_parameters())
+                typer.echo(f"deploying {prefect_file} ...")
+                run_prefect_deploy(prefect_file.resolve(), repo)
+                for line in asyncio.run(restore_parameters(before)):
+                    typer.echo(line)
+                for line in asyncio.run(list_deployments()):
+                    typer.echo(f"  {line}")
+                for line in asyncio.run(ensure_automations(automations.resolve())):
+                    typer.echo(line)
         except Exception as exc:  # one readable line for people; details above
             fail(f"glyph deploy failed: {exc}")
         typer.echo("\nStart the workers (each in its own terminal, or as a service):")
         for cmd in worker_commands(api_url):
             typer.echo(f"  {cmd}")
         typer.echo(f"(they run the checkout at {repo}; it must exist at that path on each worker's host)")
-        typer.echo(f"\nUI: {ui_url(api_url)}  (Deployments > glyph-pipeline/default > Run)")
-        typer.echo("Run from the command line: prefect deployment run glyph-pipeline/default -p profile=tiny")
+        typer.echo(f"\nUI: {ui_url(api_url)}  (Deployments > glyph-pipeline / default > Run)")
+        typer.echo(
+            f"Run from the command line: PREFECT_API_URL={api_url} prefect deployment run glyph-pipeline/default -p profile=tiny"
+        )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import typer
 
-from glyph_cli import deploy, models, pipeline, report, server, stage_commands
+from glyph_cli import deploy, models, pipeline, report, server, stage_commands, sweep
+from glyph_cli.common import DebugOpt, set_debug
 
 app = typer.Typer(
     name="glyph",
@@ -19,7 +20,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (stage_commands, pipeline, report, server, deploy, models):
+
+@app.callback()
+def main(debug: DebugOpt = False) -> None:
+    """Promptless glyph emergence: unify, generate, filter, rewrite, train, evaluate.
+
+    A failure ends with one `error:` line naming the file, setting or endpoint; `--debug`
+    (here or after the command) adds its traceback."""
+    set_debug(debug)
+
+
+for module in (stage_commands, pipeline, sweep, report, server, deploy, models):
     module.register(app)
 
 if __name__ == "__main__":

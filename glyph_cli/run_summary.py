@@ -1,18 +1,19 @@
-"""What a pipeline run leaves for people: its summary saved as `{store}/_runs/last.json`, and
-the tables and Markdown drawn from it. `glyph run` writes and prints it; `glyph report` reads it
-back and prints it again, so neither command needs the other.
+"""What a pipeline run leaves for people, read back for the terminal and for `report.md`.
 
-The summary is published atomically (a crash mid-write never leaves half a file) together with
-what the evaluation produced: the side-by-side rows, selectivity, the Markdown table and where
-the plot and metrics are. Reading it back needs neither Prefect nor a model, and works on any
-store (a local directory or S3).
+The pipeline flow saves each run's summary in its store (`{store}/_runs/{flow run id}/summary.json`
+and the newest as `_runs/last.json`; glyph_core/reports.py), whether `glyph run` started it or
+the Prefect UI did. `load_summary` finds a run by flow run id or name: in the store first, then
+through the Prefect API (the run's `store` parameter names the store). The evaluation is read
+from what the evaluate stage wrote (`metrics.json`, `table.parquet`, the plot) and rendered by
+glyph_core/eval_report.py, the same functions the UI's `glyph-evaluation` artifact uses.
+Reading a summary back needs neither a model nor, when the store has it, Prefect.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
+import re
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -20,23 +21,101 @@ from rich.console import Console
 from rich.table import Table
 
 from glyph_core.errors import GlyphError
-from glyph_core.eval_report import display_rows, markdown_table
+from glyph_core.eval_report import display_rows, fmt_rate, headline_lines, markdown_report
 from glyph_core.profiles import default_store_root
+from glyph_core.reports import RUNS_DIR, SUMMARY_NAME, summary_uri
 from glyph_core.storage import StorageError, Store
 
-LAST_RUN = ("_runs", "last.json")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
 
 def open_store(store: str | None) -> Store:
     return Store(store or default_store_root())
 
 
-def evaluation_block(store_root: str, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """What the run's evaluate stage produced, read back from its artifacts (None if absent)."""
-    row = next((r for r in stages if r["stage"] == "evaluate"), None)
+def _read(st: Store, uri: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(st.read_bytes(uri)))
+    except StorageError:
+        return None
+
+
+def _by_name(st: Store, name: str) -> tuple[dict[str, Any], str] | None:
+    """The newest summary in the store of the flow run named `name`."""
+    try:
+        found = st.fs.glob(st.uri(RUNS_DIR, "*", SUMMARY_NAME))
+    except (OSError, ValueError):
+        return None
+    best: tuple[dict[str, Any], str] | None = None
+    for path in found:
+        uri = path if "://" not in st.root else f"{st.root.split('://', 1)[0]}://{path}"
+        summary = _read(st, uri)
+        if not summary or (summary.get("flow_run") or {}).get("name") != name:
+            continue
+        if best is None or str(summary.get("finished", "")) > str(best[0].get("finished", "")):
+            best = (summary, uri)
+    return best
+
+
+def flow_run_of(run: str) -> Any:
+    """The flow run with this id or name, through the Prefect API."""
+    from uuid import UUID as AsUUID
+
+    from prefect import get_client  # ~1 s to import: only when the store does not have the run
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    try:
+        with get_client(sync_client=True) as client:
+            if UUID.match(run):
+                return client.read_flow_run(AsUUID(run))
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run])), limit=2
+            )
+    except Exception as exc:  # not found, or no API: one line
+        raise GlyphError(
+            f"flow run {run!r} not found in the store or through the Prefect API ({exc})"
+        ) from None
+    if not runs:
+        raise GlyphError(f"no flow run named {run!r} in the store or through the Prefect API")
+    return runs[0]
+
+
+def load_summary(store: str | None, run: str | None = None) -> tuple[dict[str, Any], str]:
+    """A run's summary and where it was read: the newest run (`run` None), or the flow run with
+    that id or name, from the store (`--store` or the default) or through the Prefect API."""
+    st = open_store(store)
+    if run is None:
+        uri = summary_uri(st)
+        summary = _read(st, uri)
+        if summary is None:
+            raise GlyphError(
+                f"no run recorded in {st.root} yet ({uri}); run `glyph run`, or name a flow run: "
+                "`glyph report <id or name>`"
+            )
+        return summary, uri
+    if UUID.match(run) and (summary := _read(st, summary_uri(st, run))) is not None:
+        return summary, summary_uri(st, run)
+    if not UUID.match(run) and (found := _by_name(st, run)) is not None:
+        return found
+    flow_run = flow_run_of(run)
+    run_store = open_store(store or (flow_run.parameters or {}).get("store"))
+    uri = summary_uri(run_store, str(flow_run.id))
+    summary = _read(run_store, uri)
+    if summary is None:
+        state = flow_run.state.name if flow_run.state else "unknown"
+        raise GlyphError(
+            f"flow run {flow_run.name} ({flow_run.id}, {state}) left no summary at {uri}: it has not "
+            "finished, or its store is elsewhere (--store)"
+        )
+    return summary, uri
+
+
+def evaluation_block(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """What the run's evaluate stage produced, read back from the store (None if absent)."""
+    row = next((r for r in summary["stages"] if r["stage"] == "evaluate"), None)
     if row is None:
         return None
-    st = open_store(store_root)
+    st = open_store(summary["store"])
     key = row["key"]
     table_uri = row.get("refs", {}).get("table") or st.uri("evaluate", key, "table.parquet")
     metrics_uri = st.uri("evaluate", key, "metrics.json")
@@ -45,34 +124,12 @@ def evaluation_block(store_root: str, stages: list[dict[str, Any]]) -> dict[str,
         metrics = json.loads(st.read_bytes(metrics_uri))
     except (StorageError, OSError, ValueError):
         return None
-    models = metrics.get("models", {})
     return {
         "rows": display_rows(table),
-        "table_md": markdown_table(table),
-        "selectivity": {m: v.get("selectivity", {}) for m, v in models.items()},
-        "tuned_minus_base": metrics.get("tuned_minus_base", {}),
-        "n_problems": metrics.get("n_problems"),
+        "metrics": metrics,
         "plot": st.uri("evaluate", key, "emergence_accuracy.png"),
-        "metrics": metrics_uri,
-        "table": table_uri,
+        "metrics_uri": metrics_uri,
     }
-
-
-def save_last(summary: dict[str, Any]) -> str:
-    """Publish the summary as `{store}/_runs/last.json`; returns its URI."""
-    st = open_store(summary["store"])
-    uri = st.uri(*LAST_RUN)
-    st.publish_bytes(uri, json.dumps(summary, indent=2, default=str).encode())
-    return str(uri)
-
-
-def load_last(store: str | None) -> tuple[dict[str, Any], str]:
-    st = open_store(store)
-    uri = st.uri(*LAST_RUN)
-    try:
-        return json.loads(st.read_bytes(uri)), uri
-    except StorageError:
-        raise GlyphError(f"no run recorded in {st.root} yet ({uri}); run `glyph run` first") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +145,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_column("stage s", justify="right")
     table.add_column("prefect s", justify="right")
     table.add_column("rows in → out", justify="right")
+    table.add_column("errors", justify="right")
     table.add_column("drops")
     table.add_column("artifact", overflow="fold")
     for row in summary["stages"]:
@@ -99,6 +157,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"{row['stage_seconds']:.2f}",
             f"{row['overhead_seconds']:.2f}",
             f"{row['rows_in']} → {row['rows_out']}",
+            str(row.get("errors", 0)),  # summaries saved before error counts have none
             drops,
             row["uri"],
         )
@@ -111,27 +170,15 @@ def print_summary(summary: dict[str, Any]) -> None:
     )
 
 
-def _rate(p: float | None, lo: float | None, hi: float | None) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "–"
-    return f"{100 * p:.0f}% [{100 * (lo or 0):.0f}–{100 * (hi or 0):.0f}]"
-
-
-def _num(x: float | None, fmt: str = "{:+.2f}") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return fmt.format(x)
-
-
 def print_evaluation(summary: dict[str, Any], console: Any = None) -> None:
-    """The evaluation table (base vs tuned per bucket), selectivity, the plot's path, the UI."""
+    """The evaluation table (base vs tuned per bucket), the headline, the plot's path, the UI."""
     console = console or Console(width=max(120, Console().width))
-    ev = summary.get("evaluation")
+    ev = evaluation_block(summary)
     if not ev:
         console.print("[yellow]No evaluation results in this run.[/yellow]")
     else:
         table = Table(
-            title=f"Promptless evaluation on {ev.get('n_problems', '?')} held-out problems "
+            title=f"Promptless evaluation on {ev['metrics'].get('n_problems', '?')} held-out problems "
             "(latent prompt, greedy; 95% Wilson intervals)"
         )
         for col, just in (
@@ -149,29 +196,24 @@ def print_evaluation(summary: dict[str, Any], console: Any = None) -> None:
             if previous is not None and r["group"] != previous:
                 table.add_section()
             previous = r["group"]
+            tokens = r["mean_tokens"]
             table.add_row(
                 r["group"],
                 r["model"],
                 str(r["n"]),
-                _rate(r["emergence"], r["emergence_lo"], r["emergence_hi"]),
-                _rate(r["valid"], r["valid_lo"], r["valid_hi"]),
-                _rate(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]),
-                _num(r["mean_tokens"], "{:.0f}"),
+                *(fmt_rate(r[k], r[f"{k}_lo"], r[f"{k}_hi"]) for k in ("emergence", "valid", "accuracy")),
+                "–" if tokens is None or tokens != tokens else f"{tokens:.0f}",
             )
         console.print(table)
-        for model, sel in ev.get("selectivity", {}).items():
-            console.print(
-                f"selectivity, {model}: emergence hard − easy {_num(sel.get('emergence_hard_minus_easy'))}, "
-                f"AUROC(glyph use ~ difficulty) {_num(sel.get('auroc_glyph_vs_difficulty'), '{:.2f}')}, "
-                f"AUROC(valid ~ difficulty) {_num(sel.get('valid_auroc_vs_difficulty'), '{:.2f}')}"
-            )
+        for line in headline_lines(ev["metrics"]):
+            console.print(line, highlight=False, markup=False)
         console.print(f"plot:    {ev['plot']}")
-        console.print(f"metrics: {ev['metrics']}")
+        console.print(f"metrics: {ev['metrics_uri']}")
     flow_run = summary.get("flow_run") or {}
     if flow_run.get("ui_url"):
         console.print(
-            f"Prefect UI: {flow_run['ui_url']}  (flow run [bold]{flow_run.get('name')}[/bold], "
-            f"id {flow_run.get('id')}; all runs: {flow_run.get('server', '')}/runs)"
+            f"Prefect UI: {flow_run['ui_url']}  (flow run [bold]{flow_run.get('name')}[/bold]; "
+            "artifact glyph-evaluation has the report with the plot)"
         )
     elif flow_run.get("id"):
         console.print(
@@ -184,8 +226,8 @@ def print_evaluation(summary: dict[str, Any], console: Any = None) -> None:
 # Markdown
 
 
-def markdown_report(summary: dict[str, Any], plot_ref: str | None) -> str:
-    """A short report: what ran, the stage table, the evaluation table, selectivity, the plot."""
+def report_markdown(summary: dict[str, Any], plot_ref: str | None) -> str:
+    """`report.md`: what ran, the stage table, then the evaluation report (eval_report's) and the plot."""
     lines = [f"# glyph run — profile `{summary['profile']}`", ""]
     lines.append(f"Store: `{summary['store']}` · flow {summary['seconds']:.1f} s")
     flow_run = summary.get("flow_run") or {}
@@ -204,25 +246,14 @@ def markdown_report(summary: dict[str, Any], plot_ref: str | None) -> str:
         lines.append(
             f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} | `{r['uri']}` |"
         )
-    ev = summary.get("evaluation")
+    ev = evaluation_block(summary)
     if ev:
-        lines += [
-            "",
-            "## Evaluation (base vs tuned, held-out problems, latent prompt)",
-            "",
-            "Rates with 95% Wilson intervals.",
-            "",
-            ev["table_md"].rstrip(),
-            "",
-            "Selectivity:",
-            "",
-        ]
-        for model, sel in ev.get("selectivity", {}).items():
-            lines.append(
-                f"- {model}: emergence hard − easy {_num(sel.get('emergence_hard_minus_easy'))}, "
-                f"AUROC of glyph use vs difficulty {_num(sel.get('auroc_glyph_vs_difficulty'), '{:.2f}')}"
-            )
+        lines += [""]
         if plot_ref:
-            lines += ["", f"![Glyph emergence and accuracy by bucket]({plot_ref})"]
-        lines += ["", f"Metrics: `{ev['metrics']}`"]
+            lines += [f"![Glyph emergence and accuracy by bucket]({plot_ref})", ""]
+        lines += [
+            markdown_report(ev["metrics"], original_study=True).rstrip(),
+            "",
+            f"Metrics: `{ev['metrics_uri']}`",
+        ]
     return "\n".join(lines) + "\n"

@@ -34,9 +34,9 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from glyph_cli.common import USER_ERRORS, console, fail
-from glyph_cli.run_summary import evaluation_block, print_evaluation
-from glyph_core.config import StrictModel
+from glyph_cli.common import DEBUG_ENV, console, reported_errors, set_debug
+from glyph_cli.run_summary import print_evaluation
+from glyph_core.config import StrictModel, invalid_settings
 from glyph_core.errors import GlyphError
 from glyph_core.outputs import Ref, StageOutput, import_model, import_table
 from glyph_core.profiles import PROFILES, default_store_root, load_profile, parse_value
@@ -159,7 +159,7 @@ def build_config(stage: Stage, profile: str | None, given: dict[str, Any]) -> St
     try:
         return stage.config.model_validate(data)
     except ConfigError as exc:
-        raise GlyphError(f"invalid {stage.name} settings: {exc}") from exc
+        raise invalid_settings(exc, prefix=stage.name) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def _print_output(stage: Stage, store: Store, out: StageOutput, written: dict[st
     console.print(table)
     if stage.name == "evaluate":  # the table people look for, as `glyph run` prints it
         row = {"stage": stage.name, "key": out.key, "refs": {k: r.uri for k, r in out.refs.items()}}
-        print_evaluation({"evaluation": evaluation_block(store.root, [row])}, console)
+        print_evaluation({"store": store.root, "stages": [row]}, console)
 
 
 def _log_to_console() -> None:
@@ -248,10 +248,11 @@ def stage_command(stage: Stage) -> Callable[..., None]:
     leaf_settings = list(settings(stage.config))
 
     def command(ctx: typer.Context, **kwargs: Any) -> None:
+        set_debug(kwargs["debug"])
         given = given_settings(ctx, leaf_settings, kwargs)
         out_dir = Path(kwargs["out"])
         _log_to_console()
-        try:
+        with reported_errors():
             cfg = build_config(stage, kwargs["profile"], given)
             store = Store(kwargs["store"] or default_store_root()).ensure()
             refs = {name: import_input(store, kind, kwargs[f"in__{name}"]) for name, kind in kinds.items()}
@@ -268,8 +269,6 @@ def stage_command(stage: Stage) -> Callable[..., None]:
                     store, cfg, refs, lambda done, total: bar.update(task, completed=done, total=total)
                 )
             written = export_outputs(store, out, out_dir)
-        except USER_ERRORS as exc:
-            fail(exc)
         _print_output(stage, store, out, written)
 
     kind = inspect.Parameter.KEYWORD_ONLY
@@ -305,6 +304,12 @@ def stage_command(stage: Stage) -> Callable[..., None]:
             ),
             annotation=str | None,
         ),
+        inspect.Parameter(
+            "debug",
+            kind,
+            default=typer.Option(False, "--debug", envvar=DEBUG_ENV, help="show the traceback of a failure"),
+            annotation=bool,
+        ),
     ]
     seen: set[str] = set()
     for setting in leaf_settings:
@@ -312,6 +317,7 @@ def stage_command(stage: Stage) -> Callable[..., None]:
             "--out",
             "--store",
             "--profile",
+            "--debug",
             *(f"--{n}" for n in kinds),
         }:
             raise GlyphError(f"glyph {stage.name}: option {setting.option} is declared twice")

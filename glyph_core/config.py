@@ -25,6 +25,7 @@ from glyph_core.teachers.registry import MODEL_BACKENDS, TEACHER_BACKENDS
 
 Bucket = Literal["easy", "medium", "hard"]
 BUCKETS: tuple[Bucket, ...] = ("easy", "medium", "hard")
+Source = Literal["gsm8k", "svamp", "math"]
 
 if TYPE_CHECKING:  # mypy sees a str; pydantic and the JSON schemas see the registered names
     TeacherBackend = str
@@ -133,7 +134,7 @@ def _setting_error(field: str, value: Any, problem: str) -> PydanticCustomError:
 class SourceConfig(StrictModel):
     """One dataset: a local directory in the upstream layout, else the Hub at a pinned revision."""
 
-    name: Literal["gsm8k", "svamp", "math"]
+    name: Source
     local_dir: str | None = None
     hub_id: str | None = None
     hub_config: str | None = None
@@ -144,7 +145,7 @@ class UnifyConfig(StrictModel):
     data_dir: str | None = Field(
         default=None, description="Folder in the layout of ../shared/data; None means the Hub."
     )
-    sources: list[Literal["gsm8k", "svamp", "math"]] = Field(
+    sources: list[Source] = Field(
         default=["gsm8k", "svamp", "math"], min_length=1, description="sources to include"
     )
     svamp_holdout: NonNegInt = Field(default=300, description="SVAMP rows held out by id hash")
@@ -311,8 +312,26 @@ class FilterConfig(StrictModel):
 
 
 class RewriteConfig(StrictModel):
+    """What the student sees glyphs for, and what natural answers it sees beside them: the levers
+    that may teach *when* to use the structure (glyph_core/rewrite.py explains each; docs/sweep.md
+    how to sweep them). Every field changes the SFT rows, so every field is in the key."""
+
     glyph_min_bucket: Bucket = Field(default="hard", description="lowest bucket trained on glyph traces")
-    natural_ratio: float = Field(default=0.5, ge=0, description="natural rows per glyph row")
+    glyph_min_bucket_by_source: dict[Source, Bucket] = Field(
+        default_factory=dict,
+        description="per-source override of glyph_min_bucket, e.g. {math: hard} (sources not named "
+        "use glyph_min_bucket)",
+    )
+    natural_ratio: float = Field(default=0.5, ge=0, le=50, description="natural rows per glyph row")
+    natural_balance: Literal["pooled", "per_source"] = Field(
+        default="pooled",
+        description="pooled: natural rows drawn from the easy problems of every source together; "
+        "per_source: each source gets natural_ratio x its own glyph rows from its own easy problems",
+    )
+    natural_hard_fraction: Fraction = Field(
+        default=0.0,
+        description="share of the glyph-bucket problems answered naturally instead of with their glyph traces",
+    )
     seed: Seed = Field(default=0, description="seed of the selection and the shuffle")
 
 
@@ -445,6 +464,14 @@ class EvalConfig(StrictModel):
     backend: ModelBackend = Field(default="transformers", description="a backend that loads a model")
     compare_base: bool = Field(default=True, description="also evaluate the base model on the same problems")
     seed: Seed = Field(default=0, description="decoding seed")
+    # Whether a result exists, not what it contains (as generate's): out of the key.
+    max_error_rate: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        json_schema_extra=NOT_IN_KEY,
+        description="the stage fails (publishing nothing) when a larger share of a model's completions are errors",
+    )
     vllm: VLLMEngineConfig = Field(
         default_factory=VLLMEngineConfig, json_schema_extra=NOT_IN_KEY, description="vllm: engine settings"
     )

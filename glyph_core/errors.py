@@ -64,4 +64,14 @@ class EndpointError(GlyphError):
 
 
 class StorageError(Exception):
-    """Reading or writing an artifact failed (transient or corrupt); retried by tasks."""
+    """Reading or writing an artifact failed; the message names the path or endpoint.
+
+    `transient` says whether trying again can succeed: a connection that failed, a request that
+    timed out, a server that asked to slow down. A read-only store, a root that is a file, denied
+    credentials or a corrupt artifact stay as they are however often one retries, so the tasks
+    retry only a transient one (tasks/caching.py).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ import pyarrow.compute as pc
 from glyph_core import original_study
 from glyph_core.answers import extract_answer, is_equivalent
 from glyph_core.config import EvalConfig, TeacherConfig
-from glyph_core.errors import GlyphError
+from glyph_core.errors import ErrorBudgetExceeded, GlyphError
 from glyph_core.eval_report import markdown_report, plot_png
+from glyph_core.generate import error_kind
 from glyph_core.glyphs import ORDER, has_any_glyph, parse_trace, validate_trace
 from glyph_core.metrics import BASE_LABEL, TUNED_LABEL, aggregate, build_metrics
 from glyph_core.models import check_model_dir, resolve_base_model
@@ -52,7 +54,7 @@ from glyph_core.teachers import make_teacher
 
 log = logging.getLogger(__name__)
 
-# 2: new scoring (issue 13), truncation, strata, within-source selectivity, original columns.
+# 2: new scoring (docs/evaluation.md), truncation, strata, within-source selectivity, original columns.
 VERSION = "2"
 
 COMPLETION_SCHEMA = pa.schema(
@@ -320,7 +322,27 @@ def generate_completions(
             elapsed,
             tokens / elapsed if elapsed else 0.0,
         )
-    return score_rows(rows, [outs[0] for outs in outputs], label)
+    scored = score_rows(rows, [outs[0] for outs in outputs], label)
+    check_error_budget(scored, label, model, cfg)
+    return scored
+
+
+def check_error_budget(scored: pa.Table, label: str, model: str, cfg: EvalConfig) -> None:
+    """Fail closed: when more than `cfg.max_error_rate` of one model's completions are errors (a
+    broken model, a backend that cannot run it), the scores would be a believable 0 %, so the
+    stage fails before anything is published or cached. Fewer errors are counted in the
+    stage's stats and their completions are not cached, so a rerun asks again."""
+    failed = scored.filter(pc.equal(scored["finish_reason"], "error"))
+    if failed.num_rows <= cfg.max_error_rate * scored.num_rows:
+        return
+    kinds = Counter(error_kind(e) for e in failed["error"].to_pylist())
+    first = next((e for e in failed["error"].to_pylist() if e), "unknown")
+    raise ErrorBudgetExceeded(
+        f"evaluate: {failed.num_rows} of {scored.num_rows} completions of the {label} model failed "
+        f"({', '.join(f'{k} x{v}' for k, v in kinds.most_common())}), more than "
+        f"evaluate.max_error_rate={cfg.max_error_rate:g} allows; model {model} on backend {cfg.backend}; "
+        f"first error: {first[:200]}. Nothing was published: fix the model or the backend and rerun"
+    )
 
 
 def score_rows(rows: list[dict[str, Any]], completions: list[Any], label: str) -> pa.Table:
@@ -544,6 +566,10 @@ def run(
         key=key(cfg, problems=problems, model=model),
         refs=refs,
         stats=StageStats(
-            rows_in=problems.rows, rows_out=result.completions.num_rows, seconds=timer.seconds, extra=extra
+            rows_in=problems.rows,
+            rows_out=result.completions.num_rows,
+            errors=int(pc.sum(pc.equal(result.completions["finish_reason"], "error")).as_py() or 0),
+            seconds=timer.seconds,
+            extra=extra,
         ),
     )

@@ -559,5 +559,11 @@ def run(
         stage=STAGE,
         key=out_key,
         refs={"traces": result.ref},
-        stats=StageStats(rows_in=result.problems, rows_out=result.rows, seconds=timer.seconds, extra=extra),
+        stats=StageStats(
+            rows_in=result.problems,
+            rows_out=result.rows,
+            errors=sum(result.errors.values()),
+            seconds=timer.seconds,
+            extra=extra,
+        ),
     )

@@ -1,4 +1,4 @@
-"""The glyph protocol (DESIGN §1): parse a completion into sections and name every violation.
+"""The glyph protocol (README.md, "The glyph protocol and the prompts"): parse a completion into sections and name every violation.
 
 A trace is valid when Guideline, Plan, Takeaway and Final answer appear exactly once, Step at
 least once, in the order 🜞 < 🜆 < 🜂… < 🜃 < 🝞, with no empty section and a final answer
@@ -103,7 +103,7 @@ def has_any_glyph(text: str) -> bool:
 
 
 def validate_trace(text: str | Trace) -> list[Violation]:
-    """All violations of DESIGN §1, each named once; an empty list means valid."""
+    """All violations of the protocol above, each named once; an empty list means valid."""
     trace = parse_trace(text) if isinstance(text, str) else text
     found: list[Violation] = []
 

@@ -19,7 +19,10 @@ the in-process path (one GPU only).
 
 Progress: rank 0 of the child writes ``output_dir/progress.json`` after every step; the parent
 polls it while the child runs and hands it to its own ``progress`` callback, so the train
-stage's progress artifact moves on several GPUs as it does in one process.
+stage's progress artifact moves on several GPUs as it does in one process. Log lines likewise:
+rank 0 appends its ``glyph_core`` records (the trainer's "step 5/40 loss …") to
+``output_dir/log.jsonl`` and the parent logs each again under the same logger, so they reach
+the run log as they do from an inline training.
 
 NVLink multicast stays off in the child (NCCL_NVLS_ENABLE=0 and friends): the lent hosts'
 documentation asks for it, and DDP's all-reduce does not need it.
@@ -42,7 +45,7 @@ import pyarrow.parquet as pq
 from glyph_core.config import TrainConfig
 from glyph_core.errors import GlyphError
 from glyph_core.storage import DatasetRef, Store
-from glyph_core.trainer import MANIFEST_NAME, MODEL_SUBDIR, StepProgress, TrainResult, train_sft
+from glyph_core.trainer import MANIFEST_NAME, MODEL_SUBDIR, RUN_NAME, StepProgress, TrainResult, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ ARGS_NAME = "launch.json"
 METRICS_NAME = "metrics.parquet"
 ROWS_NAME = "sft.parquet"
 PROGRESS_NAME = "progress.json"
+LOG_NAME = "log.jsonl"
 PROGRESS_POLL_S = 1.0
 ENV_CONFIG = "GLYPH_ACCELERATE_CONFIG"
 NO_MULTICAST = {
@@ -121,6 +125,40 @@ def progress_writer(output_dir: str | Path) -> StepProgress:
     return write
 
 
+class LogFileHandler(logging.Handler):
+    """The child's side: each record as one JSON line (level, logger, message) in ``log.jsonl``."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        super().__init__(logging.INFO)
+        self.path = Path(output_dir) / LOG_NAME
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = json.dumps({"level": record.levelno, "name": record.name, "message": record.getMessage()})
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+        except OSError:
+            self.handleError(record)
+
+
+def _relay_logs(path: Path, offset: int) -> int:
+    """The parent's side: log the complete lines of ``log.jsonl`` after `offset`; the new offset."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return offset
+    end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
+    for raw in data[:end].splitlines():
+        try:
+            entry = json.loads(raw)
+            logging.getLogger(str(entry["name"])).log(int(entry["level"]), "%s", entry["message"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return offset + end
+
+
 def _relay_progress(
     path: Path, progress: StepProgress | None, seen: tuple[int, int] | None
 ) -> tuple[int, int] | None:
@@ -178,6 +216,9 @@ def run_training(
 
     progress_path = output_dir / PROGRESS_NAME
     progress_path.unlink(missing_ok=True)
+    log_path = output_dir / LOG_NAME
+    log_path.unlink(missing_ok=True)
+    log_offset = 0
 
     cmd = accelerate_command(cfg, args_path)
     log.info("launching %d training process(es): %s", cfg.num_gpus, " ".join(cmd))
@@ -189,6 +230,7 @@ def run_training(
         except subprocess.TimeoutExpired:
             returncode = None
         seen = _relay_progress(progress_path, progress, seen)
+        log_offset = _relay_logs(log_path, log_offset)
         if returncode is not None:
             break
     if returncode != 0:
@@ -202,4 +244,8 @@ def run_training(
     manifest = json.loads(manifest_path.read_text())
     metrics = pq.read_table(output_dir / METRICS_NAME)
     (output_dir / METRICS_NAME).unlink()
-    return TrainResult(model_dir=model_dir, manifest=manifest, metrics=metrics, kind=manifest["kind"])
+    run_path = output_dir / RUN_NAME
+    run = json.loads(run_path.read_text()) if run_path.exists() else {}
+    return TrainResult(
+        model_dir=model_dir, manifest=manifest, metrics=metrics, kind=manifest["kind"], run=run
+    )

@@ -34,6 +34,9 @@ the Prefect task turns it into a progress artifact, the CLI into a progress bar.
 class StageStats(BaseModel):
     rows_in: int = 0
     rows_out: int = 0
+    errors: int = 0
+    """Work items that failed within the stage's error budget (error completions of generate
+    and evaluate); shown in the run's summary table and the stage's artifact."""
     drops: dict[str, int] = Field(default_factory=dict)
     seconds: float = 0.0
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -93,9 +96,9 @@ def verify_output(store: Store, out: StageOutput) -> bool:
 
     A cache record outlives its artifact if someone deletes or damages the artifact; a later
     run must not hand the next stage a ref to nothing. Tables are checked by hash (the next
-    stage reads them anyway); models by their manifest and the presence of every file, since
-    hashing many gigabytes of weights on every cached run would cost more than it protects
-    (`get_dir` verifies every file's hash when the model is loaded).
+    stage reads them anyway); models by their manifest, the presence and size of every file and
+    the hash of every file up to `$GLYPH_VERIFY_MAX_BYTES` (`Store.check_model`): an adapter is
+    hashed in full, the multi-GB shards of a full-weight model only when it is loaded.
     """
     try:
         for ref in out.refs.values():

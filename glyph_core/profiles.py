@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field, ValidationError, create_model
 
@@ -39,7 +39,7 @@ from glyph_core.config import (
     invalid_settings,
 )
 from glyph_core.errors import GlyphError
-from glyph_core.stages import Stage, stages
+from glyph_core.stages import Stage, refresh_set, stages
 
 PROFILES: tuple[str, ...] = ("tiny", "demo", "full")
 
@@ -251,6 +251,23 @@ def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any]) -> Pipeli
         return pipeline_config_model().model_validate(data)
     except ValidationError as exc:  # one line naming each dotted field and its bad value
         raise invalid_settings(exc) from exc
+
+
+class RunPlan(NamedTuple):
+    """A pipeline run's settings, checked: the config and the stages to recompute."""
+
+    cfg: PipelineConfig
+    refresh: set[str]
+
+
+def validate_run(
+    profile: str, overrides: Mapping[str, Any] | None = None, refresh: Iterable[str] | None = None
+) -> RunPlan:
+    """Every check a pipeline run's parameters can get before anything starts: the profile, each
+    `--set` override (known, typed, in range) and each `refresh` name. `glyph run` calls it
+    before a Prefect server starts, and the pipeline flow at its first line, so a run started
+    from a deployment or the UI gets the same checks and the same one-line `SettingError`."""
+    return RunPlan(load_profile(profile, overrides), refresh_set(refresh))
 
 
 def load_profile(name: str, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:

@@ -1,20 +1,41 @@
 """Build SFT rows: latent prompt -> glyph trace for hard problems, -> natural answer for easy ones.
 
-The student must learn *when* to use glyphs, not only how (README.md, "The glyph protocol and the prompts"), so the user turn is
-always the clean latent prompt (no mention of symbols), and the assistant turn is
+The student must learn *when* to use glyphs, not only how (README.md, "The glyph protocol and the
+prompts"), so the user turn is always the clean latent prompt (no mention of symbols), and the
+assistant turn is
 
-* ``kind="glyph"``: a kept teacher trace, for problems whose bucket is at or above
-  ``cfg.glyph_min_bucket`` (every distinct kept trace of such a problem becomes a row);
-* ``kind="natural"``: for training problems below that bucket, a natural-prompt generation
-  when one is given (first by ``sample``, and only if it contains no glyph), else the gold
-  solution made readable: GSM8K without its ``<<calc>>`` marks and with ``#### x`` turned
-  into "The answer is x."; MATH as is; SVAMP as "76 - 25 = 51. The answer is 51.".
+* ``kind="glyph"``: a kept teacher trace, for problems on the *glyph side*: their bucket is at
+  or above ``cfg.glyph_min_bucket``, or above the source's own threshold where
+  ``cfg.glyph_min_bucket_by_source`` names one (``{"math": "hard"}``: MATH levels 4–5 only,
+  while GSM8K follows ``glyph_min_bucket``). Every distinct kept trace of such a problem becomes
+  a row;
+* ``kind="natural"``: a natural-prompt generation when one is given (first by ``sample``, and
+  only if it contains no glyph), else the gold solution made readable: GSM8K without its
+  ``<<calc>>`` marks and with ``#### x`` turned into "The answer is x."; MATH as is; SVAMP as
+  "76 - 25 = 51. The answer is 51.". With the reference teacher (the study's), these are the
+  same solutions the glyph traces are built from, so the two kinds differ only in form.
 
-``cfg.natural_ratio`` natural rows per glyph row (rounded, capped by the easy problems
-available). Easy problems with a natural generation are preferred, then a seeded hash of the
-id decides, so the choice and the final shuffle (``random.Random(cfg.seed)``) are
-deterministic. Kept traces of easy problems are not used as glyph rows (counted in
-``stats["glyph_below_bucket"]``). Any id of a held-out problem raises LeakageError.
+Which problems get natural rows (the levers, each a field of ``RewriteConfig``):
+
+* ``natural_ratio``: natural rows per glyph row, from the training problems below the glyph side
+  ("easy problems": every problem of a lower bucket, mediums included when the threshold is hard).
+  Easy problems with a natural generation are preferred, then a seeded hash of the id decides,
+  so the choice is deterministic. Capped by the easy problems available; the shortfall is
+  counted in ``stats["natural_short"]``.
+* ``natural_balance``: ``pooled`` draws those rows from the easy problems of every source at
+  once, so a source contributes natural rows in proportion to its easy problems (SVAMP and GSM8K
+  dominate, and MATH, which supplies most glyph rows, gets few: the model can learn "LaTeX →
+  glyphs"). ``per_source`` gives each source ``natural_ratio`` × its own glyph rows from its own
+  easy problems, so MATH levels 1–2 get natural rows in proportion to MATH's glyph rows: within
+  MATH, where the study's goal is stated, the data then says *when*, not *which source*.
+* ``natural_hard_fraction``: that share of the glyph-side problems (those with kept traces,
+  chosen by a seeded hash) is answered naturally instead of with its glyph traces. The glyph
+  rows then no longer cover every hard problem, which may make glyph use a choice that
+  difficulty raises rather than a habit the prompt's form triggers; the sweep measures whether it does.
+
+Kept traces of problems below the glyph side are not used as glyph rows (counted in
+``stats["glyph_below_bucket"]``). The final shuffle is ``random.Random(cfg.seed)``. Any id of a
+held-out problem raises LeakageError.
 """
 
 from __future__ import annotations
@@ -22,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +103,10 @@ def _row(pid: str, kind: str, question: str, answer: str) -> dict[str, Any]:
     }
 
 
+def _hash_order(seed: int, salt: str, pid: str) -> str:
+    return hashlib.sha256(f"{seed}:{salt}{pid}".encode()).hexdigest()
+
+
 def rewrite(
     kept: pa.Table, problems: pa.Table, cfg: RewriteConfig, natural: pa.Table | None = None
 ) -> RewriteResult:
@@ -98,7 +124,10 @@ def rewrite(
         ).to_pylist()
     }
     rank = {b: i for i, b in enumerate(BUCKETS)}
-    min_rank = rank[cfg.glyph_min_bucket]
+
+    def glyph_side(p: dict[str, Any]) -> bool:
+        threshold = cfg.glyph_min_bucket_by_source.get(p["source"], cfg.glyph_min_bucket)
+        return rank[p["bucket"]] >= rank[threshold]
 
     def problem(pid: str) -> dict[str, Any]:
         if pid not in probs:
@@ -114,19 +143,9 @@ def rewrite(
         "natural_gold": 0,
         "glyph_below_bucket": 0,
         "natural_with_glyph": 0,
+        "glyph_as_natural": 0,
+        "natural_short": 0,
     }
-    rows: list[dict[str, Any]] = []
-    traces = sorted(
-        kept.select(["id", "sample", "completion"]).to_pylist(), key=lambda r: (r["id"], r["sample"])
-    )
-    for t in traces:
-        p = problem(t["id"])
-        if rank[p["bucket"]] < min_rank:
-            stats["glyph_below_bucket"] += 1
-            continue
-        rows.append(_row(t["id"], "glyph", p["question"], t["completion"]))
-    stats["glyph"] = len(rows)
-
     generated: dict[str, str] = {}
     if natural is not None and natural.num_rows:
         for g in sorted(
@@ -138,11 +157,9 @@ def rewrite(
             else:
                 generated.setdefault(g["id"], g["completion"])
 
-    easy = [p for p in probs.values() if p["split"] == "train" and rank[p["bucket"]] < min_rank]
-    easy.sort(
-        key=lambda p: (p["id"] not in generated, hashlib.sha256(f"{cfg.seed}:{p['id']}".encode()).hexdigest())
-    )
-    for p in easy[: round(cfg.natural_ratio * stats["glyph"])]:
+    rows: list[dict[str, Any]] = []
+
+    def add_natural(p: dict[str, Any]) -> None:
         if p["id"] in generated:
             stats["natural_generated"] += 1
             text = generated[p["id"]]
@@ -150,6 +167,43 @@ def rewrite(
             stats["natural_gold"] += 1
             text = natural_solution(p["source"], p["solution"], p["answer"])
         rows.append(_row(p["id"], "natural", p["question"], text))
+
+    traces = sorted(
+        kept.select(["id", "sample", "completion"]).to_pylist(), key=lambda r: (r["id"], r["sample"])
+    )
+    glyph_traces: list[tuple[dict[str, Any], str]] = []
+    for t in traces:
+        p = problem(t["id"])
+        if not glyph_side(p):
+            stats["glyph_below_bucket"] += 1
+            continue
+        glyph_traces.append((p, t["completion"]))
+    # natural_hard_fraction: whole problems (all their traces) switch to one natural row.
+    glyph_ids = sorted({p["id"] for p, _ in glyph_traces}, key=lambda i: _hash_order(cfg.seed, "hard:", i))
+    as_natural = set(glyph_ids[: round(cfg.natural_hard_fraction * len(glyph_ids))])
+    glyph_per_source: Counter[str] = Counter()
+    for p, completion in glyph_traces:
+        if p["id"] not in as_natural:
+            rows.append(_row(p["id"], "glyph", p["question"], completion))
+            glyph_per_source[p["source"]] += 1
+    stats["glyph"] = len(rows)
+    for pid in sorted(as_natural):
+        stats["glyph_as_natural"] += 1
+        add_natural(probs[pid])
+
+    easy = [p for p in probs.values() if p["split"] == "train" and not glyph_side(p)]
+    easy.sort(key=lambda p: (p["id"] not in generated, _hash_order(cfg.seed, "", p["id"])))
+    if cfg.natural_balance == "pooled":
+        quotas = [(easy, round(cfg.natural_ratio * stats["glyph"]))]
+    else:  # per_source: each source's glyph rows get natural rows from its own easy problems
+        quotas = [
+            ([p for p in easy if p["source"] == source], round(cfg.natural_ratio * n))
+            for source, n in sorted(glyph_per_source.items())
+        ]
+    for pool, wanted in quotas:
+        for p in pool[:wanted]:
+            add_natural(p)
+        stats["natural_short"] += max(0, wanted - len(pool))
 
     random.Random(cfg.seed).shuffle(rows)
     return RewriteResult(table=pa.Table.from_pylist(rows, schema=SFT_SCHEMA), stats=stats)

@@ -368,9 +368,12 @@ def load_hub(
 
 
 def load_source(
-    name: str, data_dir: str | Path | None = None, revisions: Mapping[str, str | None] | None = None
+    name: str,
+    data_dir: str | Path | None = None,
+    revisions: Mapping[str, str | None] | None = None,
+    load: LoadDataset | None = None,
 ) -> list[Record]:
-    """One source's records: from ``data_dir`` when given, else from the Hub."""
+    """One source's records: from ``data_dir`` when given, else from the Hub (``load_hub``)."""
     if name not in SOURCES:
         raise unknown_source(name)
-    return load_local(name, data_dir) if data_dir is not None else load_hub(name, revisions)
+    return load_local(name, data_dir) if data_dir is not None else load_hub(name, revisions, load)

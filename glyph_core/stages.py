@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,11 +45,13 @@ from glyph_core.config import (
     TrainConfig,
     UnifyConfig,
 )
-from glyph_core.errors import GlyphError
+from glyph_core.errors import GlyphError, SettingError
 from glyph_core.outputs import StageOutput
+from glyph_core.reports import StageReport, evaluation_report, training_report
 
 Runner = Callable[..., StageOutput]
 KeyFn = Callable[..., str]
+ReportFn = Callable[[Any, StageOutput], StageReport]
 
 RESERVED: frozenset[str] = frozenset({"all", "profile", "gpu_pool", "retries", "retry_delay_s"})
 """Names no stage may take: `refresh=["all"]`, and the pipeline config's own fields."""
@@ -90,6 +92,10 @@ class Stage:
     """Runs on the GPU pool when one is configured (docs/design.md, "GPU stages")."""
     help: str = ""
     fan_out: FanOut | None = None
+    report: ReportFn | None = None
+    """`report(store, output) -> StageReport`: what a person reads of the result (log lines, a
+    section of the stage's artifact, keyed documents such as `glyph-evaluation`), rendered from
+    what the stage left in the store (glyph_core.reports.py)."""
 
     def key_for(self, cfg: StrictModel, refs: dict[str, Any]) -> str:
         """The stage's key for this config and these refs (only the declared inputs count)."""
@@ -173,6 +179,25 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def refresh_set(refresh: Iterable[str] | None) -> set[str]:
+    """The stages a `refresh` list recomputes: the named ones and every stage after the
+    earliest of them (a refreshed stage's consumers should see the rerun); `all` is every stage.
+    An unknown name is a `SettingError` naming the choices."""
+    order = names()
+    chosen = [r.strip() for r in (refresh or []) if r.strip()]
+    if not chosen:
+        return set()
+    if "all" in chosen:
+        return set(order)
+    unknown = [n for n in chosen if n not in order]
+    if unknown:
+        raise SettingError(
+            f"refresh={','.join(unknown)}: unknown stage(s); expected all or {', '.join(order)}"
+        )
+    first = min(order.index(n) for n in chosen)
+    return set(order[first:])
+
+
 def get(name: str) -> Stage:
     try:
         return _REGISTRY[name]
@@ -239,6 +264,7 @@ register(
         key=train.key,
         gpu=True,
         help="Fine-tune the student on the SFT rows (LoRA by default); reruns resume.",
+        report=training_report,
     )
 )
 register(
@@ -251,5 +277,6 @@ register(
         key=evaluate.key,
         gpu=True,
         help="Promptless evaluation of base and tuned model on held-out problems.",
+        report=evaluation_report,
     )
 )

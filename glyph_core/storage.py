@@ -1,4 +1,4 @@
-"""Content-addressed artifacts on any fsspec filesystem (DESIGN §2, §4, §7).
+"""Content-addressed artifacts on any fsspec filesystem (docs/design.md, "Storage" and "The cache key").
 
 Stages pass only small references between each other. A `DatasetRef` names a Parquet file by
 URI *and* by the sha256 of its bytes, so caches key on content, never on paths: the same bytes
@@ -29,6 +29,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -167,6 +168,50 @@ _STORAGE_ERRORS: tuple[type[BaseException], ...] = (
     fsspec.exceptions.FSTimeoutError,
 )
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+# Answers that mean "not now": the server is overloaded or restarting, so a later try can succeed.
+_THROTTLED = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+    "500",
+    "503",
+}
+# A local (or network-mounted) disk that did not answer, or a connection that broke.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ETIMEDOUT,
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+    }  # fmt: skip
+)
+
+
+VERIFY_MAX_BYTES_ENV = "GLYPH_VERIFY_MAX_BYTES"
+VERIFY_MAX_BYTES = 1 << 30
+
+
+def verify_max_bytes() -> int:
+    """Files up to this size are hashed at a model's cache check (`Store.check_model`)."""
+    text = os.environ.get(VERIFY_MAX_BYTES_ENV)
+    if not text:
+        return VERIFY_MAX_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise SettingError(f"${VERIFY_MAX_BYTES_ENV}={text!r}: must be an int >= 0 (bytes)")
+    return value
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -257,7 +302,8 @@ class Store:
             raise self._explain(action, uri, exc) from exc
 
     def _explain(self, action: str, uri: str, exc: BaseException) -> StorageError:
-        """`could not <action> <uri>: <why>; <what to check>`, never a credential."""
+        """`could not <action> <uri>: <why>; <what to check>`, never a credential. Marked
+        transient only where trying again can succeed (timeouts, connections, throttling)."""
         if self.is_local:
             path = Path(self.fs._strip_protocol(uri))
             reason = getattr(exc, "strerror", None) or str(exc)
@@ -267,7 +313,8 @@ class Store:
                 fix = f"a file is in the way: remove it or {STORE_HINT}"
             else:
                 fix = f"make {_existing_ancestor(path.parent)} writable or {STORE_HINT}"
-            return StorageError(f"could not {action} {path} ({reason}): {fix}")
+            transient = isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+            return StorageError(f"could not {action} {path} ({reason}): {fix}", transient=transient)
         endpoint = s3_endpoint()
         where = f"S3 endpoint {endpoint}" if endpoint else "AWS S3 (no AWS_ENDPOINT_URL set)"
         head = f"could not {action} {uri}: {where}"
@@ -276,7 +323,8 @@ class Store:
             return StorageError(
                 f"{head} accepted the connection but did not answer within {self.limits.read_timeout:g} s "
                 f"({self.limits.max_attempts} attempt(s)); check the server's health "
-                "($GLYPH_S3_READ_TIMEOUT raises the limit)"
+                "($GLYPH_S3_READ_TIMEOUT raises the limit)",
+                transient=True,
             )
         if isinstance(
             exc, boto.EndpointConnectionError | boto.ConnectTimeoutError | aiohttp.ClientConnectionError
@@ -286,7 +334,7 @@ class Store:
                 if endpoint
                 else "set AWS_ENDPOINT_URL to your S3 server (MinIO, SeaweedFS) or check the network"
             )
-            return StorageError(f"{head} cannot be reached; {fix}")
+            return StorageError(f"{head} cannot be reached; {fix}", transient=True)
         if isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError):
             return StorageError(
                 f"{head} needs credentials and none were found; "
@@ -297,6 +345,8 @@ class Store:
                 f"{head} denied access{f' ({code})' if code else ''}; "
                 "check the credentials (AWS_ACCESS_KEY_ID) and the bucket's permissions"
             )
+        if code in _THROTTLED:
+            return StorageError(f"{head} is busy or restarting ({code}); try again later", transient=True)
         return StorageError(f"{head} failed: {type(exc).__name__}: {exc}"[:500])
 
     def link(self, uri: str) -> str:
@@ -363,31 +413,64 @@ class Store:
         if hashlib.sha256(self.read_bytes(ref.uri)).hexdigest() != ref.sha256:
             raise StorageError(f"{ref.uri}: content does not match its sha256 {ref.sha256[:12]}…")
 
-    def check_model(self, ref: ModelRef) -> dict[str, Any]:
-        """The model's manifest, after checking its hash and that every listed file exists.
-
-        Cheap (no download of the weights), for deciding whether a cached ref is still usable;
-        `get_dir` checks every file's hash when the model is actually loaded.
-        """
+    def _manifest(self, ref: ModelRef) -> tuple[bytes, dict[str, Any]]:
         body = self.read_bytes(f"{ref.uri}/{MANIFEST}")
         if hashlib.sha256(body).hexdigest() != ref.sha256:
             raise StorageError(f"{ref.uri}: manifest does not match its sha256")
-        manifest = json.loads(body)
-        for rel in manifest["files"]:
-            if not self.exists(f"{ref.uri}/{rel}"):
+        return body, dict(json.loads(body))
+
+    def _sizes(self, uri: str) -> dict[str, int]:
+        """`{path relative to uri: bytes}` of every file below `uri`: one listing (one request
+        on object storage), not one `exists` per file."""
+        base = self.fs._strip_protocol(uri).rstrip("/") + "/"
+        with self._failures("list", uri):
+            found = self.fs.find(uri, detail=True)
+        return {p[len(base) :]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(base)}
+
+    def _sha256(self, uri: str) -> str:
+        """sha256 of a stored file, read in blocks (a weights file need not fit in memory twice)."""
+        h = hashlib.sha256()
+        with self._failures("read", uri), self.fs.open(uri, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def _damaged(self, ref: ModelRef, rel: str, why: str) -> StorageError:
+        """A model file that does not match its manifest is moved aside (`<name>.damaged`):
+        every later check then finds it missing, so the stage that wrote it is recomputed,
+        instead of a damage that only loading can see failing every later run the same way."""
+        uri = f"{ref.uri}/{rel}"
+        with contextlib.suppress(Exception):  # the error below is what matters
+            self.fs.mv(uri, f"{uri}.damaged")
+        return StorageError(f"{uri}: {why}; moved aside as {rel}.damaged so that it is recomputed")
+
+    def check_model(self, ref: ModelRef, hash_limit: int | None = None) -> dict[str, Any]:
+        """The model's manifest, after checking it against its hash and every file it lists:
+        present, of the recorded size, and hashed when at most `hash_limit` bytes
+        (`$GLYPH_VERIFY_MAX_BYTES`, default 1 GiB).
+
+        This is the cache check of a model (`outputs.verify_output`), so it must stay cheap for
+        a cached rerun: an adapter (tens to hundreds of MB) and a small model are hashed in full,
+        so a flipped byte is found here and the model recomputed; the multi-GB shards of a
+        full-weight model are checked by size only, and hashed when the model is loaded
+        (`get_dir`), where a damaged file is moved aside so that the next check sees it.
+        """
+        _, manifest = self._manifest(ref)
+        limit = verify_max_bytes() if hash_limit is None else hash_limit
+        present = self._sizes(ref.uri)
+        sizes = manifest.get("sizes", {})
+        for rel, digest in manifest["files"].items():
+            if rel not in present:
                 raise StorageError(f"{ref.uri}/{rel}: listed in the manifest but missing")
-        return dict(manifest)
+            if rel in sizes and present[rel] != sizes[rel]:
+                raise self._damaged(ref, rel, f"{present[rel]} bytes where the manifest says {sizes[rel]}")
+            if present[rel] <= limit and self._sha256(f"{ref.uri}/{rel}") != digest:
+                raise self._damaged(ref, rel, "content does not match the manifest")
+        return manifest
 
     def verify_model(self, ref: ModelRef) -> dict[str, Any]:
         """The model's manifest, after checking it and every file it lists against their hashes."""
-        body = self.read_bytes(f"{ref.uri}/{MANIFEST}")
-        if hashlib.sha256(body).hexdigest() != ref.sha256:
-            raise StorageError(f"{ref.uri}: manifest does not match its sha256")
-        manifest = json.loads(body)
-        for rel, digest in manifest["files"].items():
-            if hashlib.sha256(self.read_bytes(f"{ref.uri}/{rel}")).hexdigest() != digest:
-                raise StorageError(f"{ref.uri}/{rel}: content does not match the manifest")
-        return dict(manifest)
+        return self.check_model(ref, hash_limit=sys.maxsize)
 
     # -- json -------------------------------------------------------------------------------
     def write_json(self, obj: Any, stage: str, key: str, name: str) -> str:
@@ -400,7 +483,8 @@ class Store:
 
     # -- model directories ------------------------------------------------------------------
     def put_dir(self, local_dir: str | Path, stage: str, key: str, base_model: str, kind: str) -> ModelRef:
-        """Upload every file, then the manifest listing their hashes: the manifest publishes."""
+        """Upload every file, then the manifest listing their hashes and sizes: the manifest
+        publishes."""
         local_dir = Path(local_dir)
         files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
         if not files:
@@ -408,13 +492,13 @@ class Store:
         extra = {}
         if (local_dir / MANIFEST).exists():
             extra = json.loads((local_dir / MANIFEST).read_text())
-        entries = {}
+        entries, sizes = {}, {}
         for path in files:
             rel = path.relative_to(local_dir).as_posix()
             data = path.read_bytes()
-            entries[rel] = hashlib.sha256(data).hexdigest()
+            entries[rel], sizes[rel] = hashlib.sha256(data).hexdigest(), len(data)
             self.publish_bytes(self.uri(stage, key, "model", rel), data)
-        manifest = {**extra, "base_model": base_model, "kind": kind, "files": entries}
+        manifest = {**extra, "base_model": base_model, "kind": kind, "files": entries, "sizes": sizes}
         body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         uri = self.uri(stage, key, "model")
         self.publish_bytes(f"{uri}/{MANIFEST}", body)
@@ -430,10 +514,7 @@ class Store:
         if self.is_local:
             self.verify_model(ref)
             return Path(self.fs._strip_protocol(ref.uri))
-        body = self.read_bytes(f"{ref.uri}/{MANIFEST}")
-        if hashlib.sha256(body).hexdigest() != ref.sha256:
-            raise StorageError(f"{ref.uri}: manifest does not match its sha256")
-        manifest = json.loads(body)
+        body, manifest = self._manifest(ref)
         base = Path(cache_dir or Path(tempfile.gettempdir()) / "glyph-models") / ref.sha256[:24]
         if (base / MANIFEST).exists() and (base / MANIFEST).read_bytes() == body:
             return base
@@ -442,7 +523,7 @@ class Store:
             for rel, digest in manifest["files"].items():
                 data = self.read_bytes(f"{ref.uri}/{rel}")
                 if hashlib.sha256(data).hexdigest() != digest:
-                    raise StorageError(f"{ref.uri}/{rel}: content does not match the manifest")
+                    raise self._damaged(ref, rel, "content does not match the manifest")
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(data)
             (tmp / MANIFEST).write_bytes(body)

@@ -4,14 +4,15 @@
 
 ARGS.json holds the train config, the output directory and the rows (a store root and a
 DatasetRef, or a Parquet path). Every rank calls `glyph_core.trainer.train_sft`; rank 0 writes
-the artifact, ``metrics.parquet`` beside it and ``progress.json`` after every step, for the
-parent to read.
+the artifact, ``metrics.parquet`` beside it, ``progress.json`` after every step and its log
+lines to ``log.jsonl``, for the parent to read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from glyph_core.config import TrainConfig
-from glyph_core.launch import METRICS_NAME, progress_writer
+from glyph_core.launch import METRICS_NAME, LogFileHandler, progress_writer
 from glyph_core.storage import DatasetRef, Store
 from glyph_core.trainer import train_sft
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = json.loads(Path(argv[0]).read_text())
     cfg = TrainConfig.model_validate(args["cfg"])
     output_dir = Path(args["output_dir"])
+    if os.environ.get("RANK", "0") == "0":  # the parent relays rank 0's lines to its own log
+        logging.getLogger("glyph_core").addHandler(LogFileHandler(output_dir))
     rows: Any
     store = None
     if "sft_ref" in args:

@@ -56,6 +56,12 @@ changes what it writes."""
 MODEL_SUBDIR = "model"
 CHECKPOINT_SUBDIR = "checkpoints"
 MANIFEST_NAME = "manifest.json"
+RUN_NAME = "run.json"
+"""Beside the model directory: how the run went (`TrainResult.run`)."""
+RUN_FACTS = ("train_seconds", "tokens_per_s")
+"""Measured, so different in every run: in `run.json`, never in the manifest."""
+SET_VALUED = ("target_modules", "modules_to_save", "exclude_modules")
+"""adapter_config.json fields PEFT keeps as Python sets and writes in their (per-process) order."""
 
 StepProgress = Callable[[int, int], None]
 """`progress(step, max_steps)` after every optimizer step (rank 0 only)."""
@@ -64,7 +70,9 @@ StepProgress = Callable[[int, int], None]
 @dataclass
 class TrainResult:
     """What a training run leaves behind. ``model`` is the in-memory trained model (for tests and
-    callers that continue in-process); it is not part of any artifact."""
+    callers that continue in-process); it is not part of any artifact. ``run`` says how this
+    run went (seconds, tokens/s, the checkpoint it resumed from, the base model's local path):
+    kept apart from the manifest, which describes only the weights (`_manifest`)."""
 
     model_dir: Path
     manifest: dict[str, Any]
@@ -72,6 +80,7 @@ class TrainResult:
     kind: str  # "lora" | "full"
     model: Any = field(default=None, repr=False)
     speed: Speed | None = None  # how the steps were computed on this host (resolve_speed)
+    run: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,16 +474,44 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1])))
 
 
-def _portable_adapter_base(model_dir: Path, base_model: str) -> None:
-    """PEFT records the base as the path it was loaded from; for an alias (``smollm2-135m``) that
-    is this host's cache directory, which a GPU worker elsewhere does not have. Record the alias
-    instead: the teacher backends resolve it on whichever host loads the adapter."""
+def _normalise_adapter_config(model_dir: Path, base_model: str) -> None:
+    """Make adapter_config.json a function of the training alone, so an identical retrain writes
+    identical bytes (and the same manifest hash, which keys evaluate):
+
+    - PEFT keeps `target_modules` (and the other fields in `SET_VALUED`) as a set and writes it
+      in the process's hash order, different from run to run: written sorted;
+    - PEFT records the base as the path it was loaded from; for an alias (``smollm2-135m``) that
+      is this host's cache directory, which a GPU worker elsewhere does not have. The alias is
+      recorded instead: the teacher backends resolve it on whichever host loads the adapter.
+    """
     cfg_path = model_dir / "adapter_config.json"
-    if not cfg_path.exists() or Path(base_model).expanduser().exists():
+    if not cfg_path.exists():
         return
     data = json.loads(cfg_path.read_text())
-    data["base_model_name_or_path"] = base_model
+    if not Path(base_model).expanduser().exists():
+        data["base_model_name_or_path"] = base_model
+    for name in SET_VALUED:
+        if isinstance(data.get(name), list):
+            data[name] = sorted(data[name], key=str)
     cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _manifest(cfg: TrainConfig, kind: str, data_sha256: str, rows: int, metrics: pa.Table) -> dict[str, Any]:
+    """What the published weights are, and nothing about how this run went: the config that
+    enters the key (not devices or thread counts), the data's hash and the deterministic part of
+    the metrics (steps, losses, tokens). An identical retrain, or one resumed after a crash,
+    then writes the same manifest, and evaluate's key (the manifest hash) stays put."""
+    summary = summarize_metrics(metrics)
+    return {
+        "stage": "train",
+        "version": VERSION,
+        "base_model": cfg.base_model,
+        "kind": kind,
+        "data_sha256": data_sha256,
+        "rows": rows,
+        "config": cfg.key_dump(),
+        "metrics": {k: v for k, v in summary.items() if k not in RUN_FACTS},
+    }
 
 
 def _load_rows(sft_rows: pa.Table | DatasetRef, store: Store | None) -> tuple[pa.Table, str | None]:
@@ -602,6 +639,12 @@ def train_sft(
     trainer.remove_callback(PrinterCallback)  # our callback logs one line per step instead
     resume = _last_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.state.global_step == 0:  # the config's checks should make this impossible; never publish it
+        raise GlyphError(
+            f"training ran 0 optimizer steps ({len(records)} rows, epochs={cfg.epochs}, "
+            f"max_steps={cfg.max_steps}, batch {cfg.batch_size} x grad_accum {cfg.grad_accum}): "
+            "nothing was published; raise train.epochs or set train.max_steps >= 1"
+        )
     metrics = metrics_table(trainer.state.log_history)
     if not trainer.is_world_process_zero():  # several processes (glyph_core/launch.py): rank 0 saves
         return TrainResult(model_dir=model_dir, manifest={}, metrics=metrics, kind=cfg.method, speed=speed)
@@ -617,21 +660,18 @@ def train_sft(
         kind = "full"
     trained.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _portable_adapter_base(tmp, cfg.base_model)
-    manifest = {
-        "stage": "train",
-        "version": VERSION,
-        "base_model": cfg.base_model,
-        "base_model_path": base_path,
-        "kind": kind,
-        "data_sha256": data_sha256,
-        "rows": table.num_rows,
-        "config": cfg.model_dump(mode="json"),
-        "metrics": summarize_metrics(metrics),
-        "resumed_from": resume,
-        "speed": dataclasses.asdict(speed),
-    }
+    _normalise_adapter_config(tmp, cfg.base_model)
+    manifest = _manifest(cfg, kind, data_sha256, table.num_rows, metrics)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    summary = summarize_metrics(metrics)
+    run = {
+        **{k: summary.get(k) for k in RUN_FACTS},
+        "global_step": int(trainer.state.global_step),
+        "resumed_from": resume,
+        "base_model_path": base_path,
+        "speed": dataclasses.asdict(speed),  # this host's resolution: not in the manifest
+    }
+    (output_dir / RUN_NAME).write_text(json.dumps(run, indent=2, sort_keys=True, default=str))
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp.rename(model_dir)
     trained.eval()
@@ -642,4 +682,5 @@ def train_sft(
         kind=kind,
         model=trained if keep_model else None,
         speed=speed,
+        run=run,
     )

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,10 @@ import pyarrow as pa
 
 from glyph_core.config import UnifyConfig
 from glyph_core.errors import GlyphError, LeakageError, SchemaError
-from glyph_core.fingerprints import fingerprint_sources
+from glyph_core.fingerprints import RevisionResolver, SourcesRef, fingerprint_sources, hub_commit
 from glyph_core.outputs import Progress, StageOutput, StageStats, Timer, count_values
 from glyph_core.sources import SOURCES as KNOWN_SOURCES
-from glyph_core.sources import Record, load_source, unknown_source
+from glyph_core.sources import LoadDataset, Record, load_source, unknown_source
 from glyph_core.storage import Store, stage_key
 
 VERSION = "1"
@@ -252,15 +253,21 @@ def unify_records(records: list[Record], cfg: UnifyConfig) -> UnifyResult:
     return UnifyResult(table=table, dropped=dict(dropped))
 
 
-def unify(cfg: UnifyConfig, data_dir: str | Path | None = None) -> UnifyResult:
-    """Load every configured source (local ``data_dir`` or ``cfg.data_dir``, else the Hub) and unify."""
+def unify(
+    cfg: UnifyConfig,
+    data_dir: str | Path | None = None,
+    revisions: Mapping[str, str | None] | None = None,
+    load: LoadDataset | None = None,
+) -> UnifyResult:
+    """Load every configured source (local ``data_dir`` or ``cfg.data_dir``, else the Hub at
+    ``revisions``, through ``load``: ``datasets.load_dataset`` by default) and unify."""
     for name in cfg.sources:
         if name not in KNOWN_SOURCES:
             raise unknown_source(name)
     root = data_dir if data_dir is not None else cfg.data_dir
     records: list[Record] = []
     for name in cfg.sources:
-        records += load_source(name, root)
+        records += load_source(name, root, revisions, load)
     return unify_records(records, cfg)
 
 
@@ -268,18 +275,32 @@ def unify(cfg: UnifyConfig, data_dir: str | Path | None = None) -> UnifyResult:
 # the stage (declared in glyph_core/stages.py)
 
 
-def key(cfg: UnifyConfig) -> str:
-    """Keyed on the sources' bytes (`fingerprint_sources`), not on where they are: `data_dir`
-    leaves the config part, so the same files at another path hit the same key."""
+def _key(cfg: UnifyConfig, sources: SourcesRef) -> str:
     config = {k: v for k, v in cfg.key_dump().items() if k != "data_dir"}
-    return stage_key("unify", VERSION, {"sources": fingerprint_sources(cfg).sha256}, config)
+    return stage_key("unify", VERSION, {"sources": sources.sha256}, config)
 
 
-def run(store: Store, cfg: UnifyConfig, *, progress: Progress | None = None) -> StageOutput:
-    """Load and unify the sources into the problems table."""
+def key(cfg: UnifyConfig, *, resolve: RevisionResolver = hub_commit) -> str:
+    """Keyed on the sources' content (`fingerprint_sources`), not on where they are: `data_dir`
+    leaves the config part, so the same files at another path hit the same key; from the Hub,
+    on the commits the revisions name now (`resolve`), so a dataset change recomputes."""
+    return _key(cfg, fingerprint_sources(cfg, resolve))
+
+
+def run(
+    store: Store,
+    cfg: UnifyConfig,
+    *,
+    progress: Progress | None = None,
+    resolve: RevisionResolver = hub_commit,
+    load: LoadDataset | None = None,
+) -> StageOutput:
+    """Load and unify the sources into the problems table: from the Hub, exactly the commits
+    the key names (resolved once, here), whatever the branch points at by the time they load."""
     timer = Timer()
-    out_key = key(cfg)
-    result = unify(cfg)
+    sources = fingerprint_sources(cfg, resolve)
+    out_key = _key(cfg, sources)
+    result = unify(cfg, revisions=sources.revisions, load=load)
     ref = store.write_table(result.table, "unify", out_key, "problems.parquet")
     extra = {"splits": count_values(result.table, "split"), "buckets": count_values(result.table, "bucket")}
     return StageOutput(

@@ -1,41 +1,100 @@
-"""What a stage shows in the Prefect UI: one progress artifact while it runs, and when it is
-done a table (rows in/out, drops by reason, seconds), a link to its main output and a list of
-every ref. The pipeline's tasks and the GPU child flows both use these."""
+"""What a stage shows in the Prefect UI (docs/ui.md): a progress artifact while it runs, and
+when it is done one artifact per stage, the documents its report declares, and its result in
+the run log. The pipeline flow and the GPU child flows both publish through here.
+
+Keys are stable, so `/artifacts/key/<key>` in the UI is the history of one thing:
+
+| key | what | type |
+|---|---|---|
+| `glyph-<stage>-progress` | done / total while the stage runs | progress |
+| `glyph-<stage>` | how it ended (ran or Cached), counts, drops, outputs with their paths | markdown |
+| `glyph-evaluation` | the evaluation report with the plot embedded | markdown |
+| `glyph-train-metrics` | loss, learning rate, speed per logging step | table |
+| `glyph-pipeline-summary` | the run: every stage, Cached or ran, seconds, rows | markdown |
+
+A Cached stage publishes its artifact too, saying so and linking the artifact of the run that
+computed the result, and its report is drawn again from the store, so a fully cached run still
+shows its evaluation. Paths are shown as text: a worker's `file://` path is not something a
+browser can open.
+
+Every call to the Prefect API made here is best effort: a failure (the server died or stopped
+answering) is one warning, never the stage's failure, because the stage's outputs are in the
+store already and the UI is only where people look at them.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+from prefect import get_client
 from prefect.artifacts import (
-    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.settings import PREFECT_UI_URL
 
 from glyph_core.outputs import StageOutput
-from glyph_core.storage import DatasetRef, Store
+from glyph_core.reports import StageReport, stage_markdown
+from glyph_core.stages import get
+from glyph_core.storage import Store
+from tasks.runlog import run_logger
+
+PREFIX = "glyph-"
+SUMMARY_KEY = "glyph-pipeline-summary"
+SEARCHED = 200
+"""How many of a key's newest artifacts are searched for the one that computed a cached result."""
+
+
+log = logging.getLogger(__name__)
+
+
+def _best_effort(what: str, call: Callable[[], Any]) -> bool:
+    """Run Prefect API calls for the UI; a failure is a warning, never the stage's failure.
+    Returns whether the calls went through."""
+    try:
+        call()
+    except Exception as exc:
+        log.warning(
+            "%s: the Prefect API call failed (%s: %s); the stage goes on", what, type(exc).__name__, exc
+        )
+        return False
+    return True
+
+
+def artifact_key(name: str) -> str:
+    return f"{PREFIX}{name}"
 
 
 class ProgressArtifact:
     """`progress(done, total)` kept in one Prefect progress artifact per stage run, updated at
-    most once a second (each update is an API call) and always at the end."""
+    most once a second (each update is an API call) and always at the end. After a failed
+    update it stops calling the API, so a dead server costs one bounded wait, not one per step."""
 
     def __init__(self, stage: str, every_s: float = 1.0) -> None:
         self.stage = stage
         self.every_s = every_s
         self.artifact_id: Any = None
         self.last = 0.0
+        self.broken = False
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.broken:
+            self.broken = not _best_effort(f"{self.stage} progress", lambda: self._update(done, total))
+
+    def _update(self, done: int, total: int) -> None:
         pct = 100.0 * done / total if total > 0 else 100.0
         now = time.monotonic()
         description = f"{self.stage}: {done}/{total}"
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(
-                progress=pct, key=f"glyph-{self.stage}-progress", description=description
+                progress=pct, key=artifact_key(f"{self.stage}-progress"), description=description
             )
             self.last = now
         elif now - self.last >= self.every_s or done >= total:
@@ -43,38 +102,122 @@ class ProgressArtifact:
             self.last = now
 
 
-def publish_artifacts(store: Store, out: StageOutput) -> None:
-    """A table, a link to the main output and a list of every ref: what a person looks for in
-    the UI when a stage ran."""
-    s = out.stats
-    row = {
-        "stage": out.stage,
-        "rows_in": s.rows_in,
-        "rows_out": s.rows_out,
-        "seconds": round(s.seconds, 3),
-        **{f"drop_{k}": v for k, v in s.drops.items()},
-    }
-    create_table_artifact(
-        key=f"glyph-{out.stage}",
-        table=[row],
-        description=f"{out.stage} (key {out.key}): rows in/out, drops by reason, seconds",
+# ---------------------------------------------------------------------------------------------
+# links into the UI
+
+
+def ui_link(path: str) -> str:
+    """An address in the UI: absolute where Prefect knows the UI's URL, else relative to it
+    (the artifact is read in that UI, so a relative link still works there)."""
+    base = PREFECT_UI_URL.value()
+    return f"{str(base).rstrip('/')}{path}" if base else path
+
+
+def ran_description(stage: str, key: str) -> str:
+    """The description of the artifact of a stage that ran; a cached stage finds it by this."""
+    return f"{stage} ran: key {key}"
+
+
+def computing_artifact(stage: str, key: str) -> Any | None:
+    """The newest `glyph-<stage>` artifact published by a run that computed this key."""
+    wanted = ran_description(stage, key)
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(stage)])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=SEARCHED,
+        )
+    return next((a for a in found if a.description == wanted), None)
+
+
+def cached_note(stage: str, key: str) -> str:
+    """Where a cached result came from: the run that computed it and its artifact."""
+    origin = computing_artifact(stage, key)
+    if origin is None:
+        return (
+            f"Computed by an earlier run whose artifact is not on this server "
+            f"(a `glyph {stage}` command, or a temporary server); the outputs below are that result."
+        )
+    run = f"[flow run]({ui_link(f'/runs/flow-run/{origin.flow_run_id}')})" if origin.flow_run_id else "a run"
+    return (
+        f"Computed by {run}: its [`{artifact_key(stage)}` artifact]"
+        f"({ui_link(f'/artifacts/artifact/{origin.id}')}) holds that result."
     )
-    main = out.ref
-    create_link_artifact(
-        key=f"glyph-{out.stage}-output",
-        link=store.link(main.uri),
-        link_text=main.uri,
-        description=f"{out.stage} output, sha256 {main.sha256[:12]}",
+
+
+# ---------------------------------------------------------------------------------------------
+# publishing
+
+
+def stage_report(store: Store, out: StageOutput) -> StageReport | None:
+    """The stage's declared report of this output, or None when it declares none."""
+    report = get(out.stage).report
+    return report(store, out) if report is not None else None
+
+
+def publish_stage(store: Store, out: StageOutput, *, cached: bool = False) -> StageReport | None:
+    """The stage's artifact, its report's documents and its headline in the run log (best effort)."""
+    published: list[StageReport | None] = [None]
+
+    def publish() -> None:
+        published[0] = _publish_stage(store, out, cached=cached)
+
+    _best_effort(f"{out.stage} artifacts", publish)
+    return published[0]
+
+
+def _publish_stage(store: Store, out: StageOutput, *, cached: bool) -> StageReport | None:
+    logger = run_logger()
+    report = stage_report(store, out)
+    markdown = stage_markdown(out, cached=cached, report=report)
+    if cached:
+        markdown += "\n" + cached_note(out.stage, out.key) + "\n"
+    create_markdown_artifact(
+        key=artifact_key(out.stage),
+        markdown=markdown,
+        description=f"{out.stage} Cached: key {out.key}" if cached else ran_description(out.stage, out.key),
     )
-    lines = [
-        f"### {out.stage} → `{store.link(main.uri)}`",
+    if report is None:
+        return None
+    for doc in report.documents:
+        if doc.table is not None:
+            create_table_artifact(key=artifact_key(doc.key), table=doc.table, description=doc.description)
+        else:
+            create_markdown_artifact(
+                key=artifact_key(doc.key), markdown=doc.markdown or "", description=doc.description
+            )
+    for line in report.headline:
+        logger.info("%s", line)
+    return report
+
+
+def summary_markdown(summary: dict[str, Any], headline: list[str]) -> str:
+    """The run at a glance: every stage, Cached or ran, seconds and rows; the evaluation's headline."""
+    lines = [f"### glyph pipeline, profile `{summary['profile']}`", "", f"Store `{summary['store']}`"]
+    if summary.get("changed_sources"):
+        lines += ["", "Started because these sources changed: " + ", ".join(summary["changed_sources"])]
+    lines += [
         "",
-        "| name | uri | sha256 | rows |",
-        "|---|---|---|---|",
+        "| stage | status | seconds | rows in → out | errors | main output |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    for name, ref in out.refs.items():
-        rows = ref.rows if isinstance(ref, DatasetRef) else ref.kind
-        lines.append(f"| {name} | `{ref.uri}` | `{ref.sha256[:16]}` | {rows} |")
-    if s.extra:
-        lines += ["", "```", *(f"{k}: {v}" for k, v in s.extra.items()), "```"]
-    create_markdown_artifact(markdown="\n".join(lines), description=f"{out.stage} outputs")
+    for r in summary["stages"]:
+        status = "Cached" if r["cached"] else "ran"
+        lines.append(
+            f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} | {r.get('errors', 0)} | `{r['uri']}` |"
+        )
+    if headline:
+        lines += ["", "Result (artifact `glyph-evaluation` has the whole report and the plot):", ""]
+        lines += [f"- {line}" for line in headline]
+    return "\n".join(lines) + "\n"
+
+
+def publish_summary(summary: dict[str, Any], headline: list[str]) -> None:
+    _best_effort(
+        "summary",
+        lambda: create_markdown_artifact(
+            key=SUMMARY_KEY,
+            markdown=summary_markdown(summary, headline),
+            description=f"profile {summary['profile']} on {summary['store']}: every stage, Cached or ran",
+        ),
+    )

@@ -10,8 +10,10 @@
   artifacts it points to (same bucket on object storage, so another machine sees it).
 - `SERIALIZABLE` isolation with a `FileSystemLockManager`: two runs that reach the same key at
   once compute it once; the second waits for the lock and then reads the committed result.
-- Retries with exponential backoff only for transient failures (storage, network, teacher
-  endpoint). A `GlyphError` is bad input or configuration: retrying cannot fix it.
+- Retries with exponential backoff only for failures a later try can fix (`is_transient`: a
+  connection that failed, a time-out, throttling, a crashed GPU child run). A `GlyphError` is
+  bad input or configuration, and a read-only store, a root that is a file or a damaged
+  artifact stay so: retrying cannot fix them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from prefect.types._datetime import now
 from glyph_core.errors import GlyphError, StorageError
 from glyph_core.pids import pid_alive
 from glyph_core.stages import get
-from glyph_core.storage import _storage_options
+from glyph_core.storage import TRANSIENT_ERRNOS, _storage_options
+from tasks.children import StageRunCrashed
 
 PREFECT_DIR = "_prefect"
 
@@ -165,8 +168,11 @@ def lock_dir_for(store_root: str) -> Path:
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
-    """Network and storage errors of the libraries a stage may go through (each only if installed)."""
-    types: list[type[BaseException]] = [StorageError, OSError, ConnectionError, TimeoutError]
+    """Errors of the libraries a stage may go through that say "not now" rather than "never":
+    a connection that failed, a request that timed out, a server that asked to slow down (each
+    library only if installed). A 4xx answer, a missing file or a permission problem is not
+    among them: retrying cannot fix it."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, StageRunCrashed]
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import ReadTimeoutError
@@ -177,7 +183,7 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     try:
         import aiohttp
 
-        types.append(aiohttp.ClientError)
+        types += [aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError]
     except ImportError:
         pass
     try:
@@ -199,14 +205,19 @@ TRANSIENT: tuple[type[BaseException], ...] = _transient_types()
 
 
 def is_transient(exc: BaseException | None) -> bool:
-    """Retry storage and network failures; never bad input or configuration (`GlyphError`)."""
+    """Retry what a later try can fix: a storage error marked transient (connection, timeout,
+    throttling; `StorageError.transient`), a network error, an OS error with a network or
+    time-out errno. Never bad input or configuration (`GlyphError`), a read-only store, a root
+    that is a file, denied access or a damaged artifact."""
     if exc is None:
         return False
     if isinstance(exc, StorageError):
-        return True
+        return exc.transient
     if isinstance(exc, GlyphError):
         return False
-    return isinstance(exc, TRANSIENT)
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
 
 def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -14,6 +14,14 @@ tag that is Completed or still scheduled/running (say the parent process died wh
 trained on, and the parent was retried) and waits for that one instead of starting a second
 GPU job. Failed and Cancelled children are never reused: a retry starts a fresh one.
 
+Where a child shows in the parent's run graph: under the task that started it. Prefect's
+`run_deployment` links a child through a placeholder task run in the parent, keyed by the
+parent flow run and a per-process call count; a retried parent (same flow run id, a new
+process, the count back at 0) therefore got the *first* attempt's placeholder, and the new
+child hung under the old, failed task. `start_children` creates the placeholder itself, keyed
+by the calling task run (`link_task_run`), so every attempt's child hangs under that
+attempt's task; the flow run itself is created the way `run_deployment` creates it.
+
 Crashes: a child killed from outside (OOM killer, preempted node) ends Crashed, and flow
 retries do not cover Crashed. The automation in deployments/automations.yaml reschedules
 crashed runs on the `gpu` pool (same flow run id), so the parent, seeing Crashed, waits up to
@@ -29,11 +37,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import get_client
+from prefect import Task, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.objects import TaskRunResult
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import FlowRunContext, TaskRunContext
-from prefect.deployments import run_deployment
+from prefect.states import Pending, Scheduled
 from pydantic import BaseModel
 
 from glyph_core.errors import GlyphError
@@ -115,27 +124,60 @@ class Child:
     """Overrides of the deployment's job variables (e.g. the GPU the child is pinned to)."""
 
 
-def start_children(stage: str, deployment: str, children: list[Child], *, logger: Any) -> list[Any]:
+def _placeholder() -> None:
+    """The body of a link task run: never called (the child flow run does the work)."""
+
+
+def link_task_run(client: Any, deployment: str, index: int) -> Any | None:
+    """A task run in the calling flow run, inside the calling task, for a child to hang under
+    (its `parent_task_run_id`); None outside a task run (the child is then a plain flow run).
+
+    Keyed by the calling task run and the child's index, so a retried parent's new task gets a
+    new link; the server mirrors the child's states onto it, as for `run_deployment`'s own.
+    """
+    ctx = TaskRunContext.get()
+    if ctx is None or ctx.task_run.flow_run_id is None:
+        return None
+    link = Task(name=deployment, fn=_placeholder)
+    link.task_key = f"glyph.dispatch.{deployment.replace('/', '.')}"
+    run = client.create_task_run(
+        task=link,
+        flow_run_id=ctx.task_run.flow_run_id,
+        dynamic_key=f"{ctx.task_run.id}-{index}",
+        task_inputs={"__parents__": [TaskRunResult(id=ctx.task_run.id)]},
+        state=Pending(),
+    )
+    return run.id
+
+
+def start_children(
+    stage: str, deployment: str, children: list[Child], *, logger: Any, kind_tag: str = TAG
+) -> list[Any]:
     """A run of `glyph-<stage>/<deployment>` per child, or the live or completed run that a
-    previous attempt of this parent started with the same parameters (see "Reattaching")."""
+    previous attempt of this parent started with the same parameters (see "Reattaching").
+
+    `stage` names the child flow (`glyph-pipeline` for a sweep's points, flows/sweep.py) and
+    `kind_tag` says what kind of child it is in the UI (a GPU stage unless told otherwise)."""
     parent_id, parent_name = parent_ids()
     name = f"{flow_name(stage)}/{deployment}"
     runs: list[Any] = []
     with get_client(sync_client=True) as client:
-        for child in children:
+        target = client.read_deployment_by_name(name)
+        for index, child in enumerate(children):
             what = f"{stage} {child.label}".strip()
             tag = dispatch_tag(parent_id, stage, child.parameters)
             run: Any = existing_child(client, tag)
             if run is not None:
                 logger.info("%s: reattaching to %s (%s)", what, run.name, run.id)
             else:
-                run = run_deployment(  # sync call: a FlowRun, not a coroutine
-                    name,
+                run = client.create_flow_run_from_deployment(
+                    target.id,
                     parameters=child.parameters,
-                    timeout=0,
+                    state=Scheduled(),
+                    name=f"{what} <- {parent_name}" if parent_name else None,
+                    tags=[kind_tag, f"glyph-stage-{stage}", *child.tags, tag],
+                    parent_task_run_id=link_task_run(client, name, index),
                     job_variables=child.job_variables,
-                    tags=[TAG, f"glyph-stage-{stage}", *child.tags, tag],
-                    flow_run_name=f"{what} <- {parent_name}" if parent_name else None,
                 )
                 logger.info("%s: dispatched %s as %s (%s)", what, name, run.name, run.id)
             runs.append(run)
@@ -171,11 +213,11 @@ def wait_for_child(
                 crashed_since = crashed_since or time.monotonic()
                 if time.monotonic() - crashed_since > crash_grace_s:
                     raise StageRunCrashed(
-                        f"GPU stage run {run.name} ({flow_run_id}) Crashed and was not rescheduled "
+                        f"child run {run.name} ({flow_run_id}) Crashed and was not rescheduled "
                         f"within {crash_grace_s:.0f} s: {state.message}"
                     )
             else:
                 raise StageRunFailed(
-                    f"GPU stage run {run.name} ({flow_run_id}) ended {state.name}: {state.message}"
+                    f"child run {run.name} ({flow_run_id}) ended {state.name}: {state.message}"
                 )
             time.sleep(poll_s)

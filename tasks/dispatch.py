@@ -20,13 +20,11 @@ dispatches again.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 
 from glyph_core.config import StrictModel
 from glyph_core.outputs import Progress, Ref, StageOutput
@@ -42,19 +40,17 @@ from tasks.children import (
     wait_for_child,
 )
 from tasks.faults import inject_fault, record_execution
+from tasks.runlog import run_logger
 
 ENV_DEPLOYMENT = "GLYPH_GPU_DEPLOYMENT"
 ENV_GPUS = "GLYPH_FANOUT_GPUS"
 
-log = logging.getLogger(__name__)
-
-
-def run_logger() -> Any:
-    """Prefect's run logger inside a flow or task run, this module's logger outside one."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return log
+INLINE_GPU = threading.Lock()
+"""One GPU stage at a time in this process. Inline, the process is the GPU pool: pipelines run
+side by side (a sweep's points, flows/sweep.py) share CPU stages freely, but two trainings or two
+vLLM engines at once would compete for the GPU's memory, and torch's global RNG would make each
+training depend on the other's timing. Taken inside the stage's task, after its cache lock, and
+released before anything else waits, so it cannot deadlock with the cache's locks."""
 
 
 def configured_deployment(deployment: str | None = None) -> str | None:
@@ -195,7 +191,8 @@ def execute(
         groups = run_groups(stage, fan_out, store, cfg, refs, target)
         cfg = fan_out.final_pass(cfg)  # not in the key: same output, same key
     if target is None:
-        out = run_here(stage, store, cfg, refs, progress)
+        with INLINE_GPU if stage.gpu else contextlib.nullcontext():
+            out = run_here(stage, store, cfg, refs, progress)
     else:
         out = dispatch(stage, store, target, cfg, refs)
     if groups:

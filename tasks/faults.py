@@ -9,7 +9,7 @@ trains, not in the parent that waits for it.
 
 Faults: with `GLYPH_FAULT_DIR` set, a stage that finds `{dir}/{stage}.{kind}` deletes it (so
 it fires once) and then
-- `transient`: raises `OSError` (retried by the task),
+- `transient`: raises `ConnectionError` (retried by the task),
 - `fatal`: raises `GlyphError` (not retried; a GPU child ends Failed),
 - `crash`: SIGKILLs its own process, as the OOM killer would (no handler, no clean-up).
 """
@@ -49,7 +49,7 @@ def inject_fault(stage: str) -> None:
             continue
         log.warning("%s: injecting a %s fault into %s", FAULT_DIR_ENV, kind, stage)
         if kind == "transient":
-            raise OSError(f"injected transient failure in {stage}")
+            raise ConnectionError(f"injected transient failure in {stage}")
         if kind == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
         raise GlyphError(f"injected failure in {stage} ({armed})")

@@ -2,8 +2,11 @@
 
 `task_for(stage)` wraps the stage's runner with what orchestration adds and nothing else: the
 cache policy keyed on the stage's own key, JSON result persistence, retries of transient errors,
-the progress artifact and the output artifacts, and where it runs (`tasks.dispatch.execute`:
-here, or on the GPU pool). A task takes only the store URI (a string), the stage config and a
+the progress artifact, the stage's log lines in the run log, and where it runs
+(`tasks.dispatch.execute`: here, or on the GPU pool). The stage's result artifacts are published
+by the flow once the task has finished (`tasks.artifacts.publish_stage`), Cached or not: a task
+that comes back Cached never runs its body, and a result already computed must not be failed
+by an API call about it. A task takes only the store URI (a string), the stage config and a
 dict of input refs: an unhashable input (a client, a model) would silently disable caching.
 `stage_task_options` gives the per-run options that depend on the store (result storage, lock
 directory) and on `refresh`.
@@ -21,22 +24,21 @@ from glyph_core.config import StrictModel
 from glyph_core.outputs import Ref, StageOutput
 from glyph_core.stages import Stage
 from glyph_core.storage import Store
-from tasks.artifacts import ProgressArtifact, publish_artifacts
+from tasks.artifacts import ProgressArtifact
 from tasks.caching import lock_dir_for, result_storage_for, retry_options, stage_policy
 from tasks.dispatch import execute
+from tasks.runlog import relay_stage_logs
 
 
 def run_stage_task(
     stage: Stage, store: str, cfg: StrictModel, refs: dict[str, Ref], gpu_pool: str | None = None
 ) -> StageOutput:
-    """The body of every stage task: run the stage where it belongs, then publish its artifacts.
+    """The body of every stage task: run the stage where it belongs, its progress in an artifact.
 
     `gpu_pool` None lets `$GLYPH_GPU_DEPLOYMENT` decide; "inline" forces this process.
     """
-    st = Store(store)
-    out = execute(stage, st, cfg, refs, deployment=gpu_pool, progress=ProgressArtifact(stage.name))
-    publish_artifacts(st, out)
-    return out
+    relay_stage_logs()
+    return execute(stage, Store(store), cfg, refs, deployment=gpu_pool, progress=ProgressArtifact(stage.name))
 
 
 @functools.cache

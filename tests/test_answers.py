@@ -151,7 +151,7 @@ def test_math500_gold_agrees_with_official_answer(data_dir: Path) -> None:
     assert len(disagree) <= 5, disagree  # >= 99 % of 500
 
 
-# -- what tuned models really write (issue 13) ------------------------------------------------
+# -- what tuned models really write -----------------------------------------------------------
 # Each input is written in the shape of an observed failure: a 7B model after glyph SFT, greedy.
 
 G, P, S, T, F = "\U0001f71e", "\U0001f706", "\U0001f702", "\U0001f703", "\U0001f75e"

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 from prefect.states import Failed
 
-from flows.pipeline import refresh_set
 from glyph_core.config import FilterConfig
 from glyph_core.errors import GlyphError, SourceError, StorageError
 from glyph_core.profiles import apply_overrides, load_profile, parse_sets
-from glyph_core.stages import get, names
+from glyph_core.stages import get, names, refresh_set
 from glyph_core.storage import DatasetRef
 from tasks.caching import LivenessFileLockManager, StageCachePolicy, is_transient, retry_on_transient
 
@@ -52,8 +51,10 @@ def test_cache_key_is_content_not_path() -> None:
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (StorageError("read failed"), True),
-        (OSError("connection reset"), True),
+        (StorageError("read timed out", transient=True), True),
+        (StorageError("store root is a file"), False),
+        (ConnectionResetError("connection reset"), True),
+        (PermissionError("read-only"), False),
         (ConnectionError("refused"), True),
         (TimeoutError(), True),
         (GlyphError("bad config"), False),

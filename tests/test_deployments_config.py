@@ -35,6 +35,7 @@ def test_prefect_yaml_is_valid_and_loads_every_flow() -> None:
         names.add(f"{flow.name}/{dep.name}")
     assert names == {
         "glyph-pipeline/default",
+        "glyph-sweep/default",
         "glyph-generate/gpu",
         "glyph-train/gpu",
         "glyph-evaluate/gpu",
@@ -47,7 +48,12 @@ def test_pools_concurrency_trigger_and_schedule() -> None:
     pipeline = deps["flows/pipeline.py:pipeline"]
     assert pipeline["work_pool"]["name"] == "cpu"
     assert pipeline["work_pool"]["job_variables"]["env"]["GLYPH_GPU_DEPLOYMENT"] == "gpu"
-    assert pipeline["concurrency_limit"]["limit"] == 1
+    # Several pipelines at once (a sweep's points); the GPU stays safe through the GPU limits below.
+    assert pipeline["concurrency_limit"] == {"limit": 4, "collision_strategy": "ENQUEUE"}
+    sweep = deps["flows/sweep.py:sweep"]
+    assert sweep["work_pool"]["name"] == "cpu"
+    assert sweep["parameters"]["pipeline_deployment"] == "default"
+    assert sweep["parameters"]["max_parallel"] <= pipeline["concurrency_limit"]["limit"]
     (trigger,) = pipeline["triggers"]
     assert trigger["expect"] == ["glyph.dataset.changed"] and trigger["enabled"] is True
     for stage in ("generate", "train", "evaluate"):
@@ -75,7 +81,8 @@ def test_deployment_trigger_validates() -> None:
 def test_crash_automation_is_proactive_on_the_gpu_pool() -> None:
     from glyph_cli.deploy import load_automations
 
-    (automation,) = load_automations(AUTOMATIONS)
+    automations = {a.name: a for a in load_automations(AUTOMATIONS)}
+    automation = automations["glyph-reschedule-crashed-gpu-runs"]
     trigger = automation.trigger
     assert trigger.posture.value == "Proactive"
     assert trigger.after == {"prefect.flow-run.Crashed"}

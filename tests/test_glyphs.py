@@ -102,7 +102,7 @@ def test_latent_and_natural_prompts_never_mention_glyphs():
     assert len(TEMPLATE_HASH) == 16
 
 
-# -- what tuned models really write (issue 13) ------------------------------------------------
+# -- what tuned models really write -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("invisible", ["\ufe0f", "\ufe0e", "\u200d", "\ufe0f\u200b"])

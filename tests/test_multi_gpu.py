@@ -11,6 +11,7 @@ The benchmark refuses clearly on fewer than 2 GPUs.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,9 @@ def test_num_gpus_is_in_the_key_and_launcher_is_not(tmp_path: Path) -> None:
     assert launch.child_env()["NCCL_NVLS_ENABLE"] == "0"
 
 
-def test_accelerate_launch_matches_inline_and_resumes(tmp_path: Path) -> None:
+def test_accelerate_launch_matches_inline_and_resumes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from safetensors.torch import load_file
 
     from glyph_core.models import tiny_model_dir
@@ -135,16 +138,22 @@ def test_accelerate_launch_matches_inline_and_resumes(tmp_path: Path) -> None:
 
     # a first launch that stops at step 3 (as a killed run would have), leaving checkpoint-3;
     # the child's steps reach the parent's progress callback through progress.json
+    # and its log lines (the trainer's loss per step) are logged again in this process
     steps: list[tuple[int, int]] = []
-    first = launch.run_training(
-        ref, cfg.model_copy(update={"max_steps": 3}), work, store=st, progress=lambda *a: steps.append(a)
-    )
+    with caplog.at_level(logging.INFO, logger="glyph_core"):
+        first = launch.run_training(
+            ref, cfg.model_copy(update={"max_steps": 3}), work, store=st, progress=lambda *a: steps.append(a)
+        )
     assert first.model is None and (work / "checkpoints" / "checkpoint-3").is_dir()
     assert steps and steps[-1] == (3, 3) and steps == sorted(set(steps)), steps
+    relayed = [r.getMessage() for r in caplog.records if r.name == "glyph_core.trainer"]
+    assert [m.split(" loss ")[0] for m in relayed] == ["step 1/3", "step 2/3", "step 3/3"], relayed
     # the stage reruns in the same work dir: the child resumes and publishes
     model_ref = train.run(st, cfg, sft=ref, work_dir=work).refs["model"]
     manifest = st.read_json(f"{model_ref.uri}/manifest.json")
-    assert manifest["resumed_from"].endswith("checkpoint-3")
+    assert st.read_json(model_ref.uri.removesuffix("/model") + "/run.json")["resumed_from"].endswith(
+        "checkpoint-3"
+    )
     metrics = st.read_table(_metrics_ref(st, ref, cfg))
     losses = metrics.column("loss").to_pylist()
     assert metrics.column("step").to_pylist() == list(range(1, 7))  # history survives the resume
@@ -225,8 +234,10 @@ def test_deployed_fan_out_dispatches_k_children_and_survives_a_lost_one(
     calls: list[dict] = []
     lost: set[str] = set()
 
-    def fake_run_deployment(name, parameters, timeout, tags, job_variables=None, flow_run_name=None):
-        calls.append({"name": name, "parameters": parameters, "tags": tags, "job_variables": job_variables})
+    def fake_create_run(deployment_id, *, parameters, tags, job_variables=None, **_):
+        calls.append(
+            {"name": deployment_id, "parameters": parameters, "tags": tags, "job_variables": job_variables}
+        )
         run_id = str(uuid.uuid4())
         worker, workers = parameters["group"]
         if worker == 1:
@@ -249,8 +260,11 @@ def test_deployed_fan_out_dispatches_k_children_and_survives_a_lost_one(
         if run_id in lost:
             raise children.StageRunFailed(f"{run_id} ended Failed")
 
-    monkeypatch.setattr(children, "run_deployment", fake_run_deployment)
-    monkeypatch.setattr(children, "get_client", lambda **_: contextlib.nullcontext(None))
+    client = types.SimpleNamespace(
+        read_deployment_by_name=lambda name: types.SimpleNamespace(id=name),
+        create_flow_run_from_deployment=fake_create_run,
+    )
+    monkeypatch.setattr(children, "get_client", lambda **_: contextlib.nullcontext(client))
     monkeypatch.setattr(children, "existing_child", lambda client, tag: None)
     monkeypatch.setattr(dispatch, "wait_for_child", fake_wait)
     final_calls: list[GenerateConfig] = []

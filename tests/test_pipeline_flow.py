@@ -168,8 +168,12 @@ def test_refresh_filter_reruns_filter_and_later_stages(warm: Warm) -> None:
 
 
 def test_unknown_refresh_stage_fails_before_running(warm: Warm) -> None:
+    """`refresh` is typed with the stage names: Prefect refuses the run before the flow starts
+    (a deployment's run is refused when it is created; the schema is tested in test_ui_reports)."""
+    from prefect.exceptions import ParameterTypeError
+
     before = warm.log.counts()
-    with pytest.raises(GlyphError, match="unknown stage"):
+    with pytest.raises(ParameterTypeError, match="refresh"):
         run(warm.store, warm.data, refresh=["filtr"])
     assert _ran(warm.log, before) == Counter()
 

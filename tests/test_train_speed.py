@@ -80,7 +80,7 @@ def test_padding_free_micro_batches_and_checkpointing_keep_every_step_loss(tmp_p
         got_w = _lora_weights(results[name])
         for k, v in ref_w.items():
             assert torch.allclose(got_w[k], v, atol=1e-5), (name, k)
-    manifest_speed = results[others[0]].manifest["speed"]
+    manifest_speed = results[others[0]].run["speed"]  # the host's resolution, kept out of the manifest
     assert manifest_speed["padding_free"] is True and manifest_speed["micro_batch_size"] == 2
 
 

@@ -127,3 +127,33 @@ def test_glyph_run_with_a_bad_setting_exits_with_one_error_line(tmp_path: Path) 
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert lines == ["error: train.learning_rate=-1: must be > 0"], res.output
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        ({"refresh": ["bogus"]}, "refresh=bogus: unknown stage(s); expected all or unify, generate"),
+        ({"overrides": {"train.learning_rate": -1}}, "train.learning_rate=-1: must be > 0"),
+    ],
+)
+def test_a_run_started_from_a_deployment_gets_the_same_checks(
+    tmp_path: Path, parameters: dict[str, Any], expected: str
+) -> None:
+    """The flow checks its own parameters at its first line with the function `glyph run` calls
+    before any server starts (`profiles.validate_run`): a run started from a deployment or the
+    UI gets the same one-line `SettingError` before the store is touched.
+
+    Before: `refresh` was checked after the store was opened, and as a plain `GlyphError`."""
+    from flows.pipeline import pipeline
+
+    with pytest.raises(SettingError) as exc:
+        pipeline.fn(profile="tiny", store=str(tmp_path / "store"), **parameters)
+    assert str(exc.value).startswith(expected)
+    assert not (tmp_path / "store").exists()
+
+
+def test_validate_run_returns_the_stages_to_recompute() -> None:
+    from glyph_core.profiles import validate_run
+
+    plan = validate_run("tiny", {"train.max_steps": 3}, ["train"])
+    assert plan.refresh == {"train", "evaluate"} and plan.cfg.train.max_steps == 3  # type: ignore[attr-defined]

@@ -12,9 +12,7 @@ The time bounds below are bounds on a failure (nothing may wait for ever), not s
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ from s3_server import SeaweedS3, free_port, start_seaweed
 
 from glyph_core.errors import SettingError, StorageError
 from glyph_core.storage import Store
+from tests.faults.helpers import SilentServer
 
 SECRET = "glyph-fault-secret-never-shown"
 KEY_ID = "GLYPHFAULTKEYID"
@@ -42,32 +41,6 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return monkeypatch
-
-
-class SilentServer:
-    """A real TCP server that accepts every connection and never sends a byte: a hung S3
-    gateway, or a port that some other program holds."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.conns: list[socket.socket] = []
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.conns:
-            c.close()
 
 
 @pytest.fixture
