@@ -156,9 +156,13 @@ def _callbacks(progress: StepProgress | None) -> list[Any]:
                 )
 
     class Steps(TrainerCallback):
-        """`progress(step, max_steps)` after every optimizer step, on rank 0."""
+        """`progress(step, max_steps)` after every optimizer step, on rank 0; and a log entry at
+        the last step whatever `logging_steps` is, so the metrics (and the summary's step count
+        and final loss) reach the end of training instead of the last multiple of it."""
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
             if progress is not None and state.is_world_process_zero:
                 progress(int(state.global_step), int(state.max_steps))
 

@@ -274,6 +274,14 @@ def test_merge_and_full_write_plain_model_dirs(tmp_path, tiny):
     assert full.metrics.num_rows == 3
 
 
+def test_the_last_step_is_logged_whatever_logging_steps_is(tmp_path, tiny):
+    """3 steps logged every 2: the metrics end at step 3, so the summary counts every step and
+    its final loss is the last step's, not step 2's."""
+    result = train_sft(sft_rows(4), cfg_for(tiny, max_steps=3, logging_steps=2), tmp_path / "out")
+    assert [r["step"] for r in result.metrics.to_pylist()] == [2, 3]
+    assert result.manifest["metrics"]["steps"] == 3
+
+
 def test_train_stage_publishes_model_and_metrics_and_reports_progress(tmp_path, tiny):
     store = Store(tmp_path / "store")
     sft_ref = store.write_table(sft_rows(4), "rewrite", "k1")
