@@ -39,7 +39,7 @@ ROWS_PER_STEP = 16  # the full profile's batch_size 4 x grad_accum 4, and the or
 # The switches, each added to the one before (`auto` is the new GPU default; `packing` changes
 # what a step holds, so it is shown for its speed only). Every field not set here is explicit in
 # `_FIXED`, so that a row measures exactly the switches it names.
-_TODAY = dict(
+TODAY = dict(
     batch_size=4,
     grad_accum=4,
     micro_batch_size=None,
@@ -49,15 +49,15 @@ _TODAY = dict(
     attn_implementation="sdpa",
     torch_compile=False,
 )
-_PF = {**_TODAY, "padding_free": True}
+_PF = {**TODAY, "padding_free": True}
 _LIGER = {**_PF, "liger_kernel": True}
 _MICRO = {**_LIGER, "micro_batch_size": "auto"}  # the largest that fits without checkpointing
 SFT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "original": (
         "original scripts: batch 1, accumulation 16, padded",
-        {**_TODAY, "batch_size": 1, "grad_accum": 16},
+        {**TODAY, "batch_size": 1, "grad_accum": 16},
     ),
-    "today": ("main before: batch 4, accumulation 4, padded", _TODAY),
+    "today": ("main before: batch 4, accumulation 4, padded", TODAY),
     "padding_free": ("+ padding-free (position ids, sdpa block mask)", _PF),
     "liger": ("+ Liger RMSNorm/RoPE/SwiGLU", _LIGER),
     "micro": ("+ largest micro-batch without checkpointing", _MICRO),

@@ -10,8 +10,8 @@
 #   GLYPH_DATA_DIR=/path/to/data bash benchmarks/sweep_study.sh
 #   DRY_RUN=1 bash benchmarks/sweep_study.sh     # on CPU: the tiny profile, a few problems, seconds a point
 #
-# Sized for ~15 minutes on one H100 (measured there: LoRA on 437 rows x 3 epochs 84 s, vLLM
-# evaluation of 180 problems x 2 models ~60 s, most of it engine start-up): 8 trainings of
+# Planned for ~15 minutes on one H100; measured there (benchmarks/results/sweep/README.md): ~4 min
+# a point (eager-mode vLLM decodes SmolLM2 at 2,000-3,400 tokens/s), ~35 min for all: 8 trainings of
 # 309-714 rows (3 epochs; one point 6) and 8 evaluations of the tuned model; the base model's
 # completions are computed once and reused by every point (their cache key has no tuned model).
 # It can be cut short and run again: finished stages come back Cached from $STORE, so a second

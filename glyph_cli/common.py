@@ -57,6 +57,19 @@ DebugOpt = Annotated[
     bool,
     typer.Option("--debug", envvar=DEBUG_ENV, help="show the traceback of a failure ($GLYPH_DEBUG=1)"),
 ]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="no Prefect logs in the terminal: the summary, or one error line"),
+]
+ServerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--server/--no-server",
+        envvar="GLYPH_SERVER",
+        help="without PREFECT_API_URL: start/reuse a local Prefect server (UI on :4200), "
+        "or use Prefect's temporary in-process one",
+    ),
+]
 
 
 def set_debug(on: bool) -> None:

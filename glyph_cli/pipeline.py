@@ -33,7 +33,16 @@ from typing import Any
 
 import typer
 
-from glyph_cli.common import DebugOpt, StoreOpt, debug_enabled, fail, reported_errors, set_debug
+from glyph_cli.common import (
+    DebugOpt,
+    QuietOpt,
+    ServerOpt,
+    StoreOpt,
+    debug_enabled,
+    fail,
+    reported_errors,
+    set_debug,
+)
 from glyph_cli.deploy import REPO, load_automations
 from glyph_cli.run_summary import print_evaluation, print_summary
 from glyph_cli.server import ServerError, ensure_server
@@ -154,16 +163,8 @@ def run_cmd(
         [], "--refresh", help="recompute this stage and every later one (repeatable; `all`)"
     ),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON instead of a table"),
-    quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="no Prefect logs in the terminal: the summary, or one error line"
-    ),
-    server: bool = typer.Option(
-        True,
-        "--server/--no-server",
-        envvar="GLYPH_SERVER",
-        help="without PREFECT_API_URL: start/reuse a local Prefect server (UI on :4200), "
-        "or use Prefect's temporary in-process one",
-    ),
+    quiet: QuietOpt = False,
+    server: ServerOpt = True,
     debug: DebugOpt = False,
 ) -> None:
     """Run every stage (unify → generate → filter → rewrite → train → evaluate) under Prefect; cached stages return at once."""

@@ -20,8 +20,8 @@ from typing import Any
 
 import typer
 
-from glyph_cli.common import StoreOpt, fail
-from glyph_cli.pipeline import api_url_for, prefect_defaults
+from glyph_cli.common import DebugOpt, QuietOpt, ServerOpt, StoreOpt, debug_enabled, fail, set_debug
+from glyph_cli.pipeline import api_url_for, prefect_defaults, terminal_logs
 from glyph_cli.run_summary import open_store
 from glyph_cli.server import ServerError
 from glyph_core.errors import GlyphError
@@ -84,16 +84,12 @@ def sweep_cmd(
     out: Path | None = typer.Option(
         None, "--out", help="also write table.md, frontier.png, sweep.json and each point's metrics here"
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Prefect logs at WARNING only"),
-    server: bool = typer.Option(
-        True,
-        "--server/--no-server",
-        envvar="GLYPH_SERVER",
-        help="without PREFECT_API_URL: start/reuse a local Prefect server (UI on :4200), "
-        "or use Prefect's temporary in-process one",
-    ),
+    quiet: QuietOpt = False,
+    server: ServerOpt = True,
+    debug: DebugOpt = False,
 ) -> None:
     """Run the pipeline once per grid point (shared stages cached once) and compare the points."""
+    set_debug(debug)
     prefect_defaults(quiet)
     try:
         spec = load_spec(file) if file else SweepSpec()
@@ -116,7 +112,8 @@ def sweep_cmd(
 
     from flows.sweep import sweep
 
-    logging.getLogger("glyph_core").setLevel(logging.WARNING if quiet else logging.INFO)
+    terminal_logs(debug=debug_enabled(), quiet=quiet)
+    logging.getLogger("glyph_core").setLevel(logging.INFO)  # as in `glyph run`: progress lines
     command = "glyph " + shlex.join(sys.argv[1:])
     updates = {PREFECT_API_URL: api_url} if api_url else {}
     state: Any = None

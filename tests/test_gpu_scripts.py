@@ -259,3 +259,27 @@ def test_run_script_refuses_unknown_parts_and_missing_data(tmp_path: Path) -> No
         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "GLYPH_DATA_DIR": str(tmp_path / "none")},
     )
     assert proc.returncode == 2 and "GLYPH_DATA_DIR" in proc.stderr
+
+
+def test_scoring_change_names_a_cut_off_guess(tmp_path: Path) -> None:
+    """benchmarks/scoring_change.py with this checkout as the "old" one: its subprocess scores
+    without the finish reason, so a cut-off completion whose last number is the gold answer is
+    correct there and has no prediction here; a completion with 🝞 is scored alike by both."""
+    from benchmarks import scoring_change
+
+    rows = [
+        {"model": "tuned", "bucket": "hard", "gold": "42", "finish_reason": "length",
+         "completion": "We compute 6 * 7 and the modulus is 42"},
+        {"model": "tuned", "bucket": "easy", "gold": "5", "finish_reason": "stop",
+         "completion": "🜞 add\n🜆 sum\n🜂 2 + 3 = 5\n🜃 done\n🝞 5"},
+    ]  # fmt: skip
+    path = tmp_path / "completions.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    res = scoring_change.compare(path, scoring_change.REPO)
+    by = {(e["model"], e["bucket"]): e for e in res["by_group"]}
+    assert by[("tuned", "hard")]["correct"] == {"old": 1.0, "new": 0.0, "change": -1.0}
+    assert by[("tuned", "easy")]["correct"]["change"] == 0.0
+    assert by[("tuned", "easy")]["valid"] == {"old": 1.0, "new": 1.0, "change": 0.0}
+    assert res["changed_verdicts"] == {
+        "correct → wrong: cut off, no explicit answer (no last-number guess)": 1
+    }
