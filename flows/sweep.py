@@ -42,7 +42,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import Transaction
 
-from flows.pipeline import ProfileName, Refresh, StoreRoot, pipeline
+from flows.pipeline import DEFAULT_PROFILE, ProfileName, Refresh, StoreRoot, pipeline
 from glyph_core.errors import GlyphError
 from glyph_core.profiles import default_store_root
 from glyph_core.reports import summary_uri
@@ -150,7 +150,7 @@ def _error(state: Any) -> str:
 
 @flow(name="glyph-sweep")
 def sweep(
-    profile: ProfileName = "tiny",
+    profile: ProfileName = DEFAULT_PROFILE,
     store: StoreRoot = "",
     sets: dict[str, Any] | None = None,
     grid: dict[str, list[Any]] | None = None,
