@@ -23,7 +23,7 @@ from rich.table import Table
 from glyph_core.errors import GlyphError
 from glyph_core.eval_report import display_rows, fmt_rate, headline_lines, markdown_report
 from glyph_core.profiles import default_store_root
-from glyph_core.reports import RUNS_DIR, SUMMARY_NAME, summary_uri
+from glyph_core.reports import RUNS_DIR, SUMMARY_NAME, stages_table, summary_uri
 from glyph_core.storage import StorageError, Store
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
@@ -234,18 +234,7 @@ def report_markdown(summary: dict[str, Any], plot_ref: str | None) -> str:
     if flow_run.get("id"):
         where = f" ({flow_run['ui_url']})" if flow_run.get("ui_url") else ""
         lines.append(f"Prefect flow run `{flow_run.get('name')}` `{flow_run['id']}`{where}")
-    lines += [
-        "",
-        "## Stages",
-        "",
-        "| stage | status | seconds | rows in → out | artifact |",
-        "|---|---|---:|---:|---|",
-    ]
-    for r in summary["stages"]:
-        status = "Cached" if r["cached"] else "ran"
-        lines.append(
-            f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} | `{r['uri']}` |"
-        )
+    lines += ["", "## Stages", "", *stages_table(summary["stages"])]
     ev = evaluation_block(summary)
     if ev:
         lines += [""]

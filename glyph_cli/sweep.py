@@ -38,9 +38,10 @@ from glyph_core.sweep import (
 )
 
 
-def show_sweep(ref: str, store: str | None, out: Path | None) -> None:
+def show_sweep(ref: str, store: str | None, out: Path | None) -> dict[str, Any]:
     """Print a sweep's comparison (from its points' metrics.json) and, with `out`, write the
-    folder a study keeps (table.md, frontier.png, sweep.json, each point's metrics)."""
+    folder a study keeps (table.md, frontier.png, sweep.json, each point's metrics); returns the
+    sweep's record."""
     st = open_store(store)
     record, folder = find_sweep(ref, st)
     metrics = load_metrics(record, st, folder)
@@ -55,6 +56,7 @@ def show_sweep(ref: str, store: str | None, out: Path | None) -> None:
     missing = [p["name"] for p in record["points"] if p["state"] == "completed" and p["name"] not in metrics]
     if missing:
         fail(f"metrics of completed point(s) {', '.join(missing)} not found; their rows are empty")
+    return record
 
 
 def sweep_cmd(
@@ -111,6 +113,7 @@ def sweep_cmd(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.sweep import sweep
+    from tasks.artifacts import ui_link
 
     terminal_logs(debug=debug_enabled(), quiet=quiet)
     logging.getLogger("glyph_core").setLevel(logging.INFO)  # as in `glyph run`: progress lines
@@ -130,39 +133,23 @@ def sweep_cmd(
             command=command,
             return_state=True,
         )
-        run = _flow_run_info(state.state_details.flow_run_id, api_url)
+        run_id = str(state.state_details.flow_run_id)
+        page = ui_link(f"/runs/flow-run/{run_id}")  # absolute where Prefect knows the UI's address
     try:
-        show_sweep(str(run["id"]), store, out)
+        record = show_sweep(run_id, store, out)
     except GlyphError as exc:  # the sweep failed before it recorded anything
         try:
             state.result()
         except Exception as cause:
             fail(cause)
         fail(exc)
-    if run.get("ui_url"):
-        typer.echo(f"Prefect UI: {run['ui_url']}  (sweep {run.get('name')}; its points are its subflow runs)")
+    if "://" in page:
+        typer.echo(f"Prefect UI: {page}  (sweep {record['name']}; its points are its subflow runs)")
     if not state.is_completed():
         try:
             state.result()
         except Exception as exc:
             fail(exc)
-
-
-def _flow_run_info(flow_run_id: Any, api_url: str | None) -> dict[str, Any]:
-    """Id, name and (with a lasting server) the UI page of the sweep's flow run."""
-    from prefect import get_client  # imported with Prefect, see sweep_cmd
-
-    info: dict[str, Any] = {"id": str(flow_run_id) if flow_run_id else None, "name": None}
-    if not flow_run_id:
-        return info
-    if api_url:
-        info["ui_url"] = f"{api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
-    try:
-        with get_client(sync_client=True) as client:
-            info["name"] = client.read_flow_run(flow_run_id).name
-    except Exception:  # the name is a courtesy; the id and the address are enough
-        pass
-    return info
 
 
 def register(app: typer.Typer) -> None:

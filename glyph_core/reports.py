@@ -236,6 +236,23 @@ def training_report(store: Store, out: StageOutput) -> StageReport:
 # run summaries
 
 
+def stages_table(stages: list[dict[str, Any]]) -> list[str]:
+    """The run's stages as Markdown table lines (a run summary's `stages`): Cached or ran,
+    seconds, rows in and out, failed rows, main output. The UI's summary artifact and
+    `glyph report`'s report.md show the same table."""
+    lines = [
+        "| stage | status | seconds | rows in → out | errors | main output |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in stages:
+        status = "Cached" if r["cached"] else "ran"
+        lines.append(
+            f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} "
+            f"| {r.get('errors', 0)} | `{r['uri']}` |"
+        )
+    return lines
+
+
 def summary_uri(store: Store, flow_run_id: str | None = None) -> str:
     """Where a run's summary is kept: per flow run, or the newest one (`flow_run_id` None)."""
     if flow_run_id is None:

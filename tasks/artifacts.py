@@ -41,7 +41,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.settings import PREFECT_UI_URL
 
 from glyph_core.outputs import StageOutput
-from glyph_core.reports import StageReport, stage_markdown
+from glyph_core.reports import StageReport, stage_markdown, stages_table
 from glyph_core.stages import get
 from glyph_core.storage import Store
 from tasks.runlog import run_logger
@@ -196,16 +196,7 @@ def summary_markdown(summary: dict[str, Any], headline: list[str]) -> str:
     lines = [f"### glyph pipeline, profile `{summary['profile']}`", "", f"Store `{summary['store']}`"]
     if summary.get("changed_sources"):
         lines += ["", "Started because these sources changed: " + ", ".join(summary["changed_sources"])]
-    lines += [
-        "",
-        "| stage | status | seconds | rows in → out | errors | main output |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    for r in summary["stages"]:
-        status = "Cached" if r["cached"] else "ran"
-        lines.append(
-            f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['rows_in']} → {r['rows_out']} | {r.get('errors', 0)} | `{r['uri']}` |"
-        )
+    lines += ["", *stages_table(summary["stages"])]
     if headline:
         lines += ["", "Result (artifact `glyph-evaluation` has the whole report and the plot):", ""]
         lines += [f"- {line}" for line in headline]

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real data lives, and a tiny copy of it for fast tests.
+"""Shared fixtures: where the real data lives, and a tiny copy of it for fast tests; real S3
+servers (SeaweedFS, moto's) and an endpoint that accepts connections and never answers.
 
 The real files are never copied into the repository; `tiny_data_dir` writes a few rows of each
 into pytest's temporary directory.
@@ -8,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_server import SeaweedS3, start_seaweed
+
+from tests.faults.helpers import SilentServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +47,28 @@ def tiny_data_dir(data_dir: Path, tmp_path: Path) -> Path:
     (root / "svamp").mkdir(parents=True)
     (root / "svamp" / "SVAMP.json").write_text(json.dumps(svamp))
     return root
+
+
+@pytest.fixture(scope="module")
+def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()

@@ -11,7 +11,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,19 @@ def exec_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ExecLog:
     monkeypatch.setenv(EXEC_LOG_ENV, str(path))
     monkeypatch.delenv(FAULT_DIR_ENV, raising=False)
     return ExecLog(path)
+
+
+@contextmanager
+def recorded_store(root: Path) -> Iterator[tuple[Path, ExecLog, str]]:
+    """For a module-scoped fixture: a few-rows copy of the real data, an execution log that
+    counts real stage runs, and a fresh store path, all under `root`; the log's variable is set
+    (and fault injection off) until the fixture ends."""
+    data = make_tiny_data(real_data_dir(), root / "data")
+    log = ExecLog(root / "executions.log")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(EXEC_LOG_ENV, str(log.path))
+        mp.delenv(FAULT_DIR_ENV, raising=False)
+        yield data, log, str(root / "store")
 
 
 def tiny_overrides(data_dir: Path, **extra: Any) -> dict[str, Any]:

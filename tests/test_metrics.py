@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from glyph_core.evaluate import COMPLETION_SCHEMA, stratum_of
+from glyph_core.evaluate import COMPLETION_SCHEMA
 from glyph_core.metrics import (
     Counts,
     aggregate,
@@ -28,36 +28,7 @@ from glyph_core.metrics import (
     study_goal,
     wilson,
 )
-
-MATH_BUCKET = {1: "easy", 2: "easy", 3: "medium", 4: "hard", 5: "hard"}
-GSM8K_BUCKET = {2: "easy", 3: "easy", 4: "medium", 5: "medium", 6: "hard", 7: "hard"}
-
-
-def _row(model: str, pid: str, source: str, level: int, emerged: bool, **kw: Any) -> dict[str, Any]:
-    bucket = (MATH_BUCKET if source == "math" else GSM8K_BUCKET)[level]
-    difficulty = (level - 1) / 4 if source == "math" else min(1.0, max(0.0, (level - 2) / 6))
-    return {
-        "model": model,
-        "id": pid,
-        "source": source,
-        "bucket": bucket,
-        "difficulty": difficulty,
-        "level": level,
-        "stratum": stratum_of(source, level),
-        "finish_reason": kw.get("finish_reason", "stop"),
-        "truncated": kw.get("finish_reason") == "length",
-        "completion_tokens": 10,
-        "emerged": emerged,
-        "partial": False,
-        "valid": kw.get("valid", emerged),
-        "correct": kw.get("correct", False),
-        "violations": [],
-        "glyph_kinds": 5 if emerged else 0,
-        "orig_bucket": kw.get("orig_bucket", "easy"),
-        "orig_emerged": emerged,
-        "orig_valid": emerged,
-        "orig_correct": False,
-    }
+from tests.scored_rows import scored_row
 
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -113,12 +84,12 @@ def test_a_source_shortcut_looks_selective_pooled_but_not_within_sources():
     math_n = {1: 5, 2: 5, 3: 10, 4: 15, 5: 15}
     gsm_n = {2: 30, 3: 30, 4: 20, 5: 10, 6: 10, 7: 10}
     rows = [
-        _row("tuned", f"math/{lv}/{i}", "math", lv, emerged=i % 5 != 0)
+        scored_row("tuned", f"math/{lv}/{i}", "math", lv, emerged=i % 5 != 0)
         for lv, n in math_n.items()
         for i in range(n)
     ]
     rows += [
-        _row("tuned", f"gsm8k/{lv}/{i}", "gsm8k", lv, emerged=i % 10 == 0)
+        scored_row("tuned", f"gsm8k/{lv}/{i}", "gsm8k", lv, emerged=i % 10 == 0)
         for lv, n in gsm_n.items()
         for i in range(n)
     ]
@@ -137,7 +108,7 @@ def test_a_source_shortcut_looks_selective_pooled_but_not_within_sources():
 def test_a_difficulty_following_model_is_selective_within_each_source():
     """Glyphs exactly on MATH levels 4–5 and GSM8K ≥ 6 steps."""
     rows = [
-        _row("tuned", pid, src, lv, emerged=(lv >= 4 if src == "math" else lv >= 6))
+        scored_row("tuned", pid, src, lv, emerged=(lv >= 4 if src == "math" else lv >= 6))
         for pid, src, lv in _problems()
     ]
     sel = selectivity(_table(rows), resamples=300)["models"]["tuned"]["within_source"]
@@ -155,7 +126,7 @@ def test_within_source_auroc_equals_brute_force_over_same_source_pairs():
     rows = []
     for pid, src, lv in _problems(5, 4):
         p = 0.15 * lv if src == "math" else 0.1 * (lv - 1)
-        rows.append(_row("tuned", pid, src, lv, emerged=rng.random() < p))
+        rows.append(scored_row("tuned", pid, src, lv, emerged=rng.random() < p))
     got = selectivity(_table(rows), resamples=100)["models"]["tuned"]["within_source"]
     wins = pairs = 0.0
     per_source = {}
@@ -174,7 +145,7 @@ def test_within_source_auroc_equals_brute_force_over_same_source_pairs():
 def test_within_source_hard_minus_easy_is_the_mantel_haenszel_mean():
     rng = random.Random(5)
     rows = [
-        _row("tuned", pid, src, lv, emerged=rng.random() < (0.2 + 0.1 * lv))
+        scored_row("tuned", pid, src, lv, emerged=rng.random() < (0.2 + 0.1 * lv))
         for pid, src, lv in _problems(4, 3)
     ]
     got = selectivity(_table(rows), resamples=50)["models"]["tuned"]["within_source"]
@@ -193,8 +164,8 @@ def test_bootstrap_is_deterministic_paired_and_keeps_source_sizes():
     rng = random.Random(7)
     rows = []
     for pid, src, lv in _problems():
-        rows.append(_row("base", pid, src, lv, emerged=rng.random() < 0.3))
-        rows.append(_row("tuned", pid, src, lv, emerged=rng.random() < 0.1 * lv + 0.1))
+        rows.append(scored_row("base", pid, src, lv, emerged=rng.random() < 0.3))
+        rows.append(scored_row("tuned", pid, src, lv, emerged=rng.random() < 0.1 * lv + 0.1))
     table = _table(rows)
     a, b = selectivity(table, resamples=400), selectivity(table, resamples=400)
     assert a == b
@@ -222,7 +193,7 @@ def test_bootstrap_matches_a_naive_resampling_of_problems():
     replacement within each source: compare the spread with a plain per-problem bootstrap."""
     rng = random.Random(11)
     problems = _problems(20, 20)
-    rows = [_row("tuned", pid, src, lv, emerged=rng.random() < 0.12 * lv) for pid, src, lv in problems]
+    rows = [scored_row("tuned", pid, src, lv, emerged=rng.random() < 0.12 * lv) for pid, src, lv in problems]
     fast = selectivity(_table(rows), resamples=2000)["models"]["tuned"]["within_source"]["auroc"]
     by_source: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -247,7 +218,7 @@ def test_bootstrap_matches_a_naive_resampling_of_problems():
 
 
 def test_undefined_statistics_are_none_not_nan():
-    rows = [_row("base", pid, src, lv, emerged=False) for pid, src, lv in _problems(2, 2)]
+    rows = [scored_row("base", pid, src, lv, emerged=False) for pid, src, lv in _problems(2, 2)]
     sel = selectivity(_table(rows), resamples=50)["models"]["base"]
     assert sel["within_source"]["auroc"] == {"value": None, "lo": None, "hi": None, "pairs": 0}
     assert sel["pooled"]["auroc"]["value"] is None and sel["auroc_glyph_vs_difficulty"] is None
@@ -262,7 +233,7 @@ def test_math_levels_and_the_study_goal():
     for lv in range(1, 6):
         for i in range(10):
             used = i < {1: 1, 2: 2, 3: 5, 4: 9, 5: 9}[lv]
-            rows.append(_row("tuned", f"m{lv}{i}", "math", lv, emerged=used))
+            rows.append(scored_row("tuned", f"m{lv}{i}", "math", lv, emerged=used))
     levels = math_levels(rows)
     assert levels["1"]["glyph_use"] == {
         "n": 10,
@@ -278,9 +249,9 @@ def test_math_levels_and_the_study_goal():
     rows[0]["emerged"] = rows[1]["emerged"] = rows[2]["emerged"] = True  # level 1: 30 %+
     assert study_goal(math_levels(rows), 0.86)["met"] is False
     assert study_goal(math_levels([]), None)["met"] is None
-    everywhere = [_row("tuned", f"m{lv}", "math", lv, emerged=True) for lv in range(1, 6)]
+    everywhere = [scored_row("tuned", f"m{lv}", "math", lv, emerged=True) for lv in range(1, 6)]
     assert study_goal(math_levels(everywhere), None)["met"] is False  # 100 % on levels 1–2
-    hard_only = [_row("tuned", f"m{lv}", "math", lv, emerged=lv >= 4) for lv in (1, 2, 4, 5)]
+    hard_only = [scored_row("tuned", f"m{lv}", "math", lv, emerged=lv >= 4) for lv in (1, 2, 4, 5)]
     assert study_goal(math_levels(hard_only), None)["met"] is None  # rates pass, AUROC unknown
 
 
@@ -288,9 +259,9 @@ def test_metrics_json_has_the_documented_keys():
     rng = random.Random(1)
     rows = []
     for pid, src, lv in _problems(3, 2):
-        rows.append(_row("base", pid, src, lv, emerged=False, correct=rng.random() < 0.5))
+        rows.append(scored_row("base", pid, src, lv, emerged=False, correct=rng.random() < 0.5))
         rows.append(
-            _row(
+            scored_row(
                 "tuned",
                 pid,
                 src,
@@ -361,7 +332,7 @@ def test_metrics_json_has_the_documented_keys():
 def test_one_problem_per_stratum_still_gets_a_real_interval():
     """The demo's sample: one problem per (source, level). Resampling within each stratum would
     never change it (a zero-width interval); within each source it does."""
-    rows = [_row("tuned", f"math/{lv}", "math", lv, emerged=lv in (2, 4, 5)) for lv in range(1, 6)]
-    rows += [_row("tuned", f"gsm8k/{n}", "gsm8k", n, emerged=n in (3, 6)) for n in range(2, 8)]
+    rows = [scored_row("tuned", f"math/{lv}", "math", lv, emerged=lv in (2, 4, 5)) for lv in range(1, 6)]
+    rows += [scored_row("tuned", f"gsm8k/{n}", "gsm8k", n, emerged=n in (3, 6)) for n in range(2, 8)]
     auroc_ = selectivity(_table(rows), resamples=500)["models"]["tuned"]["within_source"]["auroc"]
     assert auroc_["lo"] < auroc_["value"] < auroc_["hi"]

@@ -22,11 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pipeline_helpers import ExecLog, api_env, cached, exec_log, harness, make_tiny_data, real_data_dir, run  # noqa: F401
+from pipeline_helpers import (  # noqa: F401
+    ExecLog,
+    api_env,
+    cached,
+    exec_log,
+    harness,
+    make_tiny_data,
+    real_data_dir,
+    recorded_store,
+    run,
+)
 
 from glyph_core.errors import GlyphError
 from glyph_core.stages import names
-from tasks.faults import EXEC_LOG_ENV, FAULT_DIR_ENV
+from tasks.faults import FAULT_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +56,7 @@ class Warm:
 def warm(harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warm]:  # noqa: F811
     """One cold run of the whole `tiny` pipeline, shared by the tests that only add runs to it."""
     root = tmp_path_factory.mktemp("warm")
-    data = make_tiny_data(real_data_dir(), root / "data")
-    log = ExecLog(root / "executions.log")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(EXEC_LOG_ENV, str(log.path))
-        mp.delenv(FAULT_DIR_ENV, raising=False)
-        store = str(root / "store")
+    with recorded_store(root) as (data, log, store):
         cold = run(store, data)
         yield Warm(store=store, data=data, log=log, cold=cold, root=root)
 

@@ -14,36 +14,17 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3_server import SeaweedS3, start_seaweed
+from s3_server import SeaweedS3
 
 from glyph_core.errors import StorageError
 from glyph_core.storage import MANIFEST, DatasetRef, ModelRef, Store, stage_key
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def moto_server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(params=["local", "moto", "seaweedfs"])

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from glyph_core.evaluate import COMPLETION_SCHEMA, stratum_of
+from glyph_core.evaluate import COMPLETION_SCHEMA
 from glyph_core.metrics import aggregate, build_metrics
 from glyph_core.storage import Store
 from glyph_core.sweep import (
@@ -39,6 +39,7 @@ from glyph_core.sweep import (
     table_rows,
     write_folder,
 )
+from tests.scored_rows import scored_row
 
 TINY = {"unify.data_dir": "/nonexistent", "unify.svamp_holdout": 10}
 
@@ -189,9 +190,6 @@ def test_sweep_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # rows from real metrics JSON
 
-MATH_BUCKET = {1: "easy", 2: "easy", 3: "medium", 4: "hard", 5: "hard"}
-GSM8K_BUCKET = {2: "easy", 3: "easy", 4: "medium", 5: "medium", 6: "hard"}
-
 
 def _metrics(
     glyph_use: dict[int, float], tuned_correct: float = 0.2, base_correct: float = 0.1, seed: int = 0
@@ -205,36 +203,11 @@ def _metrics(
     problems += [(f"gsm8k/{lv}/{i}", "gsm8k", lv) for lv in range(2, 7) for i in range(10)]
     for pid, source, level in problems:
         scale = level if source == "math" else level - 1
-        bucket = (MATH_BUCKET if source == "math" else GSM8K_BUCKET)[level]
-        difficulty = (level - 1) / 4 if source == "math" else min(1.0, max(0.0, (level - 2) / 6))
         for model, emerged, correct in (
             ("base", False, rng.random() < base_correct),
             ("tuned", rng.random() < glyph_use[scale], rng.random() < tuned_correct),
         ):
-            rows.append(
-                {
-                    "model": model,
-                    "id": pid,
-                    "source": source,
-                    "bucket": bucket,
-                    "difficulty": difficulty,
-                    "level": level,
-                    "stratum": stratum_of(source, level),
-                    "finish_reason": "stop",
-                    "truncated": False,
-                    "completion_tokens": 10,
-                    "emerged": emerged,
-                    "partial": False,
-                    "valid": emerged,
-                    "correct": correct,
-                    "violations": [],
-                    "glyph_kinds": 5 if emerged else 0,
-                    "orig_bucket": "easy",
-                    "orig_emerged": emerged,
-                    "orig_valid": emerged,
-                    "orig_correct": False,
-                }
-            )
+            rows.append(scored_row(model, pid, source, level, emerged, correct=correct))
     scored = pa.Table.from_pylist(rows, schema=COMPLETION_SCHEMA)
     return json.loads(
         json.dumps(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pipeline_helpers import ExecLog, harness, make_tiny_data, real_data_dir, tiny_overrides  # noqa: F401
+from pipeline_helpers import ExecLog, harness, make_tiny_data, real_data_dir, recorded_store, tiny_overrides  # noqa: F401
 
 from glyph_core.storage import Store
 from glyph_core.sweep import find_sweep, load_metrics
@@ -64,12 +64,7 @@ def _held_locks(store: str) -> list[str]:
 def swept(harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:  # noqa: F811
     """A 2 × 2 grid over train settings, all four points in flight at once, on a fresh store."""
     root = tmp_path_factory.mktemp("sweep")
-    data = make_tiny_data(real_data_dir(), root / "data")
-    log = ExecLog(root / "executions.log")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(EXEC_LOG_ENV, str(log.path))
-        mp.delenv(FAULT_DIR_ENV, raising=False)
-        store = str(root / "store")
+    with recorded_store(root) as (data, log, store):
         state = _sweep(store, data, TRAIN_GRID, max_parallel=4)
         yield Swept(store=store, data=data, log=log, state=state, root=root)
 

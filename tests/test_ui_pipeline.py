@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +120,23 @@ def test_training_metrics_table_loss_curve_and_loss_lines_in_the_log(runs: Runs)
     progress = arts["glyph-train-progress"]
     assert progress.type == "progress" and progress.data == 100.0
 
-    with client() as c:
-        logs = c.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs.cold["flow_run"]["id"]]))
-        )
-    messages = [log.message for log in logs]
+    # Run logs reach the API in batches from a background worker: wait (bounded) for the last ones.
+    wanted = (
+        "step 1/2 loss ",
+        "step 2/2 loss ",
+        "train: 2 steps, loss ",
+        "tuned: within-source selectivity AUROC",
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with client() as c:
+            logs = c.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs.cold["flow_run"]["id"]]))
+            )
+        messages = [log.message for log in logs]
+        if all(any(m.startswith(w) for m in messages) for w in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert any(m.startswith("step 1/2 loss ") for m in messages), messages  # the trainer's own line
     assert any(m.startswith("step 2/2 loss ") for m in messages)
     assert any(m.startswith("train: 2 steps, loss ") for m in messages)

@@ -10,7 +10,6 @@ only after a Prefect server had started, behind a 25-line traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ MAX_LINES = 12
 def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One Prefect home for the module's temporary servers (their database is migrated once)."""
     return str(tmp_path_factory.mktemp("prefect-home"))
-
-
-@pytest.fixture
-def silent() -> Iterator[SilentServer]:
-    server = SilentServer()
-    yield server
-    server.close()
 
 
 def _one_error_line(res, starts: str) -> str:  # type: ignore[no-untyped-def]

@@ -12,7 +12,6 @@ and a silent server; only the throttling answer is built by hand (no S3 server h
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,13 +36,6 @@ def s3_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("GLYPH_S3_READ_TIMEOUT", "1")
     monkeypatch.setenv("GLYPH_S3_MAX_ATTEMPTS", "1")
     return monkeypatch
-
-
-@pytest.fixture
-def silent() -> Iterator[SilentServer]:
-    server = SilentServer()
-    yield server
-    server.close()
 
 
 def _raised(fn) -> BaseException:  # type: ignore[no-untyped-def]

@@ -15,12 +15,11 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from s3_server import SeaweedS3, free_port, start_seaweed
+from s3_server import free_port
 
 from glyph_core.errors import SettingError, StorageError
 from glyph_core.storage import Store
@@ -41,13 +40,6 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return monkeypatch
-
-
-@pytest.fixture
-def silent() -> Iterator[SilentServer]:
-    server = SilentServer()
-    yield server
-    server.close()
 
 
 def _fails_within(fn, bound: float = BOUND_S) -> tuple[str, float]:
@@ -122,31 +114,13 @@ def test_bad_limit_in_the_environment_is_a_setting_error(aws_env, var: str, valu
         _s3_store()
 
 
-@pytest.fixture(scope="module")
-def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.mark.parametrize("backend", ["seaweedfs", "moto"])
 def test_real_servers_work_under_the_limits(request, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """The happy path through the bounded client, with the limits taken from the environment."""
     if backend == "seaweedfs":
         env = request.getfixturevalue("seaweed_server").client_env()
     else:
-        endpoint = request.getfixturevalue("moto_endpoint")
+        endpoint = request.getfixturevalue("moto_server")
         env = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
