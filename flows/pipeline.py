@@ -37,13 +37,11 @@ from pydantic import BeforeValidator, Field
 from glyph_core.outputs import Ref, StageOutput, verify_output
 from glyph_core.profiles import PROFILES, PipelineConfig, default_store_root, validate_run
 from glyph_core.reports import save_summary
-from glyph_core.stages import Stage, names, refresh_set, stages
+from glyph_core.stages import Stage, names, stages
 from glyph_core.storage import Store
 from tasks.artifacts import publish_stage, publish_summary, ui_link
 from tasks.caching import result_storage_for
 from tasks.stages import stage_task_options, task_for
-
-__all__ = ["DEFAULT_PROFILE", "pipeline", "refresh_set"]
 
 DEFAULT_PROFILE = "demo"
 """What Run in the UI starts with (the deployment takes the flow's default): the real demo, a

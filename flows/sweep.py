@@ -30,7 +30,6 @@ runs the points and publishes the result:
 # file and sends to a subprocess is pickled by value, and annotations kept as strings would then
 # name types (`ProfileName`, ...) that the pickled function no longer carries.
 
-import base64
 import contextvars
 from collections.abc import Callable
 from typing import Any
@@ -45,8 +44,7 @@ from prefect.transactions import Transaction
 from flows.pipeline import DEFAULT_PROFILE, ProfileName, Refresh, StoreRoot, pipeline
 from glyph_core.errors import GlyphError
 from glyph_core.profiles import default_store_root
-from glyph_core.reports import summary_uri
-from glyph_core.stages import refresh_set
+from glyph_core.reports import png_data_url, summary_uri
 from glyph_core.storage import Store
 from glyph_core.sweep import (
     Point,
@@ -60,6 +58,7 @@ from glyph_core.sweep import (
     sweep_record,
     table_rows,
 )
+from tasks.artifacts import best_effort
 from tasks.children import Child, start_children, wait_for_child
 
 POINT_TAG = "glyph-sweep-point"
@@ -177,7 +176,6 @@ def sweep(
     if max_parallel < 1:
         raise SweepError(f"max_parallel={max_parallel}: must be >= 1")
     plan = plan_sweep(profile, sets, grid, points)  # every point's config, before anything runs
-    refresh_set(refresh)  # unknown stage names fail here, not in every point
     st = Store(store or default_store_root()).ensure()
     logger = get_run_logger()
     logger.info("sweep of %d points: %s", len(plan.points), ", ".join(p.name for p in plan.points))
@@ -240,16 +238,20 @@ def sweep(
     metrics = load_metrics(record, st)
     markdown, png, rows, best = render(record, metrics)
     uri = save_sweep(st, record, {"table.md": markdown.encode(), "frontier.png": png})
-    inline_png = "data:image/png;base64," + base64.b64encode(png).decode()
-    create_markdown_artifact(
-        key="glyph-sweep",
-        markdown=comparison_markdown(record, rows, best, inline_png),
-        description=f"sweep {record['name']}: {len(plan.points)} points, best {best.get('point')}",
-    )
-    create_table_artifact(
-        key="glyph-sweep-table",
-        table=table_rows(rows, plan.swept),
-        description=f"sweep {record['name']}, one row per point (tuned model). {best['rule']}",
+    best_effort(  # the record is safe in the store; the UI's copy must not fail the sweep
+        "sweep artifacts",
+        lambda: (
+            create_markdown_artifact(
+                key="glyph-sweep",
+                markdown=comparison_markdown(record, rows, best, png_data_url(png)),
+                description=f"sweep {record['name']}: {len(plan.points)} points, best {best.get('point')}",
+            ),
+            create_table_artifact(
+                key="glyph-sweep-table",
+                table=table_rows(rows, plan.swept),
+                description=f"sweep {record['name']}, one row per point (tuned model). {best['rule']}",
+            ),
+        ),
     )
     logger.info("sweep record: %s; best point: %s (%s)", uri, best.get("point"), best["why"])
     failed = [o["name"] for o in outcomes if o["state"] != "completed"]

@@ -32,19 +32,6 @@ console = Console(stderr=True)
 
 DEBUG_ENV = "GLYPH_DEBUG"
 
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (
-    GlyphError,
-    StorageError,
-    ValidationError,
-    UnicodeDecodeError,
-    boto.BotoCoreError,
-    boto.ClientError,
-    aiohttp.ClientError,
-    httpx.HTTPError,
-    OSError,
-)
-"""What `explain` turns into one line (a failure's `__cause__` counts too, for the errors a
-library wraps, e.g. Prefect's "Failed to reach API" around the connection error)."""
 
 StoreOpt = Annotated[
     str | None,

@@ -30,11 +30,12 @@ from glyph_cli.common import (
     reported_errors,
     set_debug,
 )
-from glyph_cli.pipeline import api_url_for, prefect_defaults, terminal_logs
+from glyph_cli.pipeline import api_url_for, ensure_zombie_automation, prefect_defaults, terminal_logs
 from glyph_cli.run_summary import open_store
 from glyph_cli.server import ServerError
 from glyph_core.errors import GlyphError
 from glyph_core.profiles import PROFILES, parse_sets
+from glyph_core.stages import refresh_set
 from glyph_core.sweep import (
     SweepSpec,
     find_sweep,
@@ -108,11 +109,12 @@ def sweep_cmd(
         sets = {**spec.set, **parse_sets(set_)}
         swept = {**spec.grid, **parse_grid(grid)}
         plan = plan_sweep(base, sets, swept, spec.points)
+        refresh_set(list(refresh))  # unknown stage names fail here, before Prefect starts
     typer.echo(f"sweep of {len(plan.points)} points on profile {base}:")
     for p in plan.points:
         typer.echo(f"  {p.name}: {p.label(plan.swept)}")
     try:
-        api_url, _ = api_url_for(server)
+        api_url, own_server = api_url_for(server)
     except ServerError as exc:
         fail(f"{exc}; or run with --no-server to use Prefect's temporary server")
 
@@ -127,7 +129,9 @@ def sweep_cmd(
     command = "glyph " + shlex.join(sys.argv[1:])
     updates = {PREFECT_API_URL: api_url} if api_url else {}
     state: Any = None
-    with temporary_settings(updates=updates):  # type: ignore[arg-type]
+    with temporary_settings(updates=updates), reported_errors():  # type: ignore[arg-type]
+        if own_server:
+            ensure_zombie_automation()  # as `glyph run` does on the local server it started
         state = sweep(
             profile=base,
             store=store,

@@ -28,12 +28,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from glyph_core.errors import StorageError
 from glyph_core.eval_report import headline_lines, markdown_report, plot_png
 from glyph_core.outputs import StageOutput
 from glyph_core.storage import DatasetRef, Store
+from glyph_core.trainer import summarize_metrics
 
 PLOT_DPI = 110
 RUNS_DIR = "_runs"
@@ -109,7 +110,7 @@ def stage_markdown(out: StageOutput, *, cached: bool, report: StageReport | None
 def load_metrics(store: Store, out: StageOutput) -> dict[str, Any]:
     """The evaluate stage's metrics JSON (its URI is in the stage's stats)."""
     uri = str(out.stats.extra.get("metrics") or store.uri("evaluate", out.key, "metrics.json"))
-    return dict(json.loads(store.read_bytes(uri)))
+    return dict(store.read_json(uri))
 
 
 def evaluation_plot(store: Store, out: StageOutput, metrics: dict[str, Any]) -> bytes:
@@ -169,12 +170,10 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def training_rows(store: Store, out: StageOutput) -> list[dict[str, Any]]:
+def training_metrics(store: Store, out: StageOutput) -> pa.Table | None:
+    """The train stage's logged metrics (hash-checked), or None where it published none."""
     ref = out.refs.get("metrics")
-    if not isinstance(ref, DatasetRef):
-        return []
-    table = pq.read_table(io.BytesIO(store.read_bytes(ref.uri)))
-    return [{k: _clean(v) for k, v in row.items()} for row in table.to_pylist()]
+    return store.read_table(ref) if isinstance(ref, DatasetRef) else None
 
 
 def loss_curve_png(rows: list[dict[str, Any]]) -> bytes:
@@ -204,18 +203,20 @@ def loss_curve_png(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def training_summary(rows: list[dict[str, Any]]) -> str:
-    if not rows:
+def training_summary(metrics: pa.Table) -> str:
+    """Steps, first and last loss and tokens/s, as the trainer counts them (`summarize_metrics`)."""
+    s = summarize_metrics(metrics)
+    if not s["steps"]:
         return "no logged training step"
-    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") is not None]
-    speed = f", {sum(speeds) / len(speeds):.0f} tokens/s" if speeds else ""
-    return f"{rows[-1]['step']} steps, loss {rows[0]['loss']:.4f} → {rows[-1]['loss']:.4f}{speed}"
+    speed = f", {s['tokens_per_s']:.0f} tokens/s" if s.get("tokens_per_s") else ""
+    return f"{s['steps']} steps, loss {s['first_loss']:.4f} → {s['final_loss']:.4f}{speed}"
 
 
 def training_report(store: Store, out: StageOutput) -> StageReport:
     """The loss curve in the stage's artifact and the logged metrics as `glyph-train-metrics`."""
-    rows = training_rows(store, out)
-    summary = training_summary(rows)
+    metrics = training_metrics(store, out)
+    rows = [] if metrics is None else [{k: _clean(v) for k, v in r.items()} for r in metrics.to_pylist()]
+    summary = training_summary(metrics) if metrics is not None else "no logged training step"
     markdown = f"Training: {summary}."
     if rows:
         markdown += "\n\n" + image("Training loss by optimizer step", loss_curve_png(rows))

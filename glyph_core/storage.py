@@ -349,10 +349,6 @@ class Store:
             return StorageError(f"{head} is busy or restarting ({code}); try again later", transient=True)
         return StorageError(f"{head} failed: {type(exc).__name__}: {exc}"[:500])
 
-    def link(self, uri: str) -> str:
-        """A URL a person can open: `file://` for local paths, the URI itself otherwise."""
-        return Path(uri).as_uri() if self.is_local and "://" not in uri else uri
-
     # -- bytes ------------------------------------------------------------------------------
     def publish_bytes(self, uri: str, data: bytes) -> None:
         """Make `data` visible at `uri` in one step, or not at all."""

@@ -217,9 +217,10 @@ def summarize_metrics(metrics: pa.Table) -> dict[str, Any]:
     rows = metrics.to_pylist()
     if not rows:
         return {"steps": 0}
-    speeds = [r["tokens_per_s"] for r in rows if r["tokens_per_s"] == r["tokens_per_s"]]
-    secs = [r["interval_s"] for r in rows if r["interval_s"] == r["interval_s"]]
-    tokens = rows[-1]["tokens_seen"]
+    # `.get`: a table written before a column existed still summarises (NaN != NaN skips gaps)
+    speeds = [v for r in rows if (v := r.get("tokens_per_s")) is not None and v == v]
+    secs = [v for r in rows if (v := r.get("interval_s")) is not None and v == v]
+    tokens = rows[-1].get("tokens_seen")
     total_s = sum(secs)
     return {
         "steps": rows[-1]["step"],
@@ -500,12 +501,13 @@ def _normalise_adapter_config(model_dir: Path, base_model: str) -> None:
     cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _manifest(cfg: TrainConfig, kind: str, data_sha256: str, rows: int, metrics: pa.Table) -> dict[str, Any]:
+def _manifest(
+    cfg: TrainConfig, kind: str, data_sha256: str, rows: int, summary: dict[str, Any]
+) -> dict[str, Any]:
     """What the published weights are, and nothing about how this run went: the config that
     enters the key (not devices or thread counts), the data's hash and the deterministic part of
     the metrics (steps, losses, tokens). An identical retrain, or one resumed after a crash,
     then writes the same manifest, and evaluate's key (the manifest hash) stays put."""
-    summary = summarize_metrics(metrics)
     return {
         "stage": "train",
         "version": VERSION,
@@ -665,9 +667,9 @@ def train_sft(
     trained.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _normalise_adapter_config(tmp, cfg.base_model)
-    manifest = _manifest(cfg, kind, data_sha256, table.num_rows, metrics)
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     summary = summarize_metrics(metrics)
+    manifest = _manifest(cfg, kind, data_sha256, table.num_rows, summary)
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     run = {
         **{k: summary.get(k) for k in RUN_FACTS},
         "global_step": int(trainer.state.global_step),

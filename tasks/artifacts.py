@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import get_client
 from prefect.artifacts import (
@@ -48,6 +48,7 @@ from tasks.runlog import run_logger
 
 PREFIX = "glyph-"
 SUMMARY_KEY = "glyph-pipeline-summary"
+T = TypeVar("T")
 SEARCHED = 200
 """How many of a key's newest artifacts are searched for the one that computed a cached result."""
 
@@ -55,17 +56,16 @@ SEARCHED = 200
 log = logging.getLogger(__name__)
 
 
-def _best_effort(what: str, call: Callable[[], Any]) -> bool:
+def best_effort(what: str, call: Callable[[], T]) -> T | None:
     """Run Prefect API calls for the UI; a failure is a warning, never the stage's failure.
-    Returns whether the calls went through."""
+    Returns the call's result, or None where it failed."""
     try:
-        call()
+        return call()
     except Exception as exc:
         log.warning(
             "%s: the Prefect API call failed (%s: %s); the stage goes on", what, type(exc).__name__, exc
         )
-        return False
-    return True
+        return None
 
 
 def artifact_key(name: str) -> str:
@@ -86,9 +86,9 @@ class ProgressArtifact:
 
     def __call__(self, done: int, total: int) -> None:
         if not self.broken:
-            self.broken = not _best_effort(f"{self.stage} progress", lambda: self._update(done, total))
+            self.broken = best_effort(f"{self.stage} progress", lambda: self._update(done, total)) is None
 
-    def _update(self, done: int, total: int) -> None:
+    def _update(self, done: int, total: int) -> bool:
         pct = 100.0 * done / total if total > 0 else 100.0
         now = time.monotonic()
         description = f"{self.stage}: {done}/{total}"
@@ -100,6 +100,7 @@ class ProgressArtifact:
         elif now - self.last >= self.every_s or done >= total:
             update_progress_artifact(self.artifact_id, progress=pct, description=description)
             self.last = now
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +158,7 @@ def stage_report(store: Store, out: StageOutput) -> StageReport | None:
 
 def publish_stage(store: Store, out: StageOutput, *, cached: bool = False) -> StageReport | None:
     """The stage's artifact, its report's documents and its headline in the run log (best effort)."""
-    published: list[StageReport | None] = [None]
-
-    def publish() -> None:
-        published[0] = _publish_stage(store, out, cached=cached)
-
-    _best_effort(f"{out.stage} artifacts", publish)
-    return published[0]
+    return best_effort(f"{out.stage} artifacts", lambda: _publish_stage(store, out, cached=cached))
 
 
 def _publish_stage(store: Store, out: StageOutput, *, cached: bool) -> StageReport | None:
@@ -204,7 +199,7 @@ def summary_markdown(summary: dict[str, Any], headline: list[str]) -> str:
 
 
 def publish_summary(summary: dict[str, Any], headline: list[str]) -> None:
-    _best_effort(
+    best_effort(
         "summary",
         lambda: create_markdown_artifact(
             key=SUMMARY_KEY,

@@ -187,14 +187,15 @@ def execute(
     groups: list[dict[str, Any] | None] = []
     fan_out = stage.fan_out
     workers = fan_out.workers(cfg) if fan_out is not None else 1
-    if fan_out is not None and workers > 1:
-        groups = run_groups(stage, fan_out, store, cfg, refs, target)
-        cfg = fan_out.final_pass(cfg)  # not in the key: same output, same key
-    if target is None:
-        with INLINE_GPU if stage.gpu else contextlib.nullcontext():
+    # Inline, this process is the GPU: the lock covers the fan-out's groups and the final pass.
+    with INLINE_GPU if stage.gpu and target is None else contextlib.nullcontext():
+        if fan_out is not None and workers > 1:
+            groups = run_groups(stage, fan_out, store, cfg, refs, target)
+            cfg = fan_out.final_pass(cfg)  # not in the key: same output, same key
+        if target is None:
             out = run_here(stage, store, cfg, refs, progress)
-    else:
-        out = dispatch(stage, store, target, cfg, refs)
+        else:
+            out = dispatch(stage, store, target, cfg, refs)
     if groups:
         out.stats.extra.update(fan_out_stats(workers, groups))
     return out
