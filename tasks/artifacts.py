@@ -24,6 +24,7 @@ store already and the UI is only where people look at them.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -36,10 +37,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.client.schemas.sorting import ArtifactSort
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 from prefect.settings import PREFECT_UI_URL
 
+from glyph_core.errors import StorageError
 from glyph_core.outputs import StageOutput
 from glyph_core.reports import StageReport, stage_markdown, stages_table
 from glyph_core.stages import get
@@ -49,8 +50,6 @@ from tasks.runlog import run_logger
 PREFIX = "glyph-"
 SUMMARY_KEY = "glyph-pipeline-summary"
 T = TypeVar("T")
-SEARCHED = 200
-"""How many of a key's newest artifacts are searched for the one that computed a cached result."""
 
 
 log = logging.getLogger(__name__)
@@ -114,26 +113,32 @@ def ui_link(path: str) -> str:
     return f"{str(base).rstrip('/')}{path}" if base else path
 
 
-def ran_description(stage: str, key: str) -> str:
-    """The description of the artifact of a stage that ran; a cached stage finds it by this."""
-    return f"{stage} ran: key {key}"
+ORIGINS_DIR = "_origins"
 
 
-def computing_artifact(stage: str, key: str) -> Any | None:
-    """The newest `glyph-<stage>` artifact published by a run that computed this key."""
-    wanted = ran_description(stage, key)
+def origin_uri(store: Store, stage: str, key: str) -> str:
+    """Where the id of the artifact that holds a computed result is kept (one small JSON)."""
+    return store.uri(ORIGINS_DIR, stage, f"{key}.json")
+
+
+def computing_artifact(store: Store, stage: str, key: str) -> Any | None:
+    """The `glyph-<stage>` artifact published by the run that computed this key, if this server
+    has it: the id recorded when the stage ran, looked up by id (no search through the key's
+    history)."""
+    try:
+        artifact_id = store.read_json(origin_uri(store, stage, key))["artifact_id"]
+    except (StorageError, FileNotFoundError, KeyError, ValueError):
+        return None
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(stage)])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=SEARCHED,
+            artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])), limit=1
         )
-    return next((a for a in found if a.description == wanted), None)
+    return found[0] if found else None
 
 
-def cached_note(stage: str, key: str) -> str:
+def cached_note(store: Store, stage: str, key: str) -> str:
     """Where a cached result came from: the run that computed it and its artifact."""
-    origin = computing_artifact(stage, key)
+    origin = computing_artifact(store, stage, key)
     if origin is None:
         return (
             f"Computed by an earlier run whose artifact is not on this server "
@@ -166,12 +171,16 @@ def _publish_stage(store: Store, out: StageOutput, *, cached: bool) -> StageRepo
     report = stage_report(store, out)
     markdown = stage_markdown(out, cached=cached, report=report)
     if cached:
-        markdown += "\n" + cached_note(out.stage, out.key) + "\n"
-    create_markdown_artifact(
+        markdown += "\n" + cached_note(store, out.stage, out.key) + "\n"
+    artifact_id = create_markdown_artifact(
         key=artifact_key(out.stage),
         markdown=markdown,
-        description=f"{out.stage} Cached: key {out.key}" if cached else ran_description(out.stage, out.key),
+        description=f"{out.stage} {'Cached' if cached else 'ran'}: key {out.key}",
     )
+    if not cached:  # a later cached run links this artifact (cached_note)
+        store.publish_bytes(
+            origin_uri(store, out.stage, out.key), json.dumps({"artifact_id": str(artifact_id)}).encode()
+        )
     if report is None:
         return None
     for doc in report.documents:

@@ -263,3 +263,15 @@ def test_a_stale_pid_file_does_not_block_a_start(tmp_path: Path, monkeypatch: py
     (tmp_path / "server.pid").write_text(str(gone.pid))
     assert "stale PID file" in server.stop_server()
     assert not (tmp_path / "server.pid").exists()
+
+
+def test_a_cached_stage_without_a_recorded_origin_says_so(tmp_path: Path) -> None:
+    """No `_origins/<stage>/<key>.json` (computed by a `glyph <stage>` command or before origins
+    were recorded): the note says the artifact is not known here, without asking the API."""
+    from tasks.artifacts import cached_note, origin_uri
+
+    st = Store(tmp_path / "store").ensure()
+    assert not st.exists(origin_uri(st, "train", "k"))
+    assert cached_note(st, "train", "k").startswith(
+        "Computed by an earlier run whose artifact is not on this server"
+    )
